@@ -1,0 +1,205 @@
+"""The policy runtime: a GGUF model run by llama.cpp through llama-cpp-python.
+
+It exposes just what the search needs (the last position's logits, advance by one
+token, end-of-generation) plus prompt rendering and UTF-8-safe detokenization.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# llama.cpp's OpenMP threads spin while they wait. Spinning without end steals the cores
+# that onnxruntime needs between two decodes; not spinning at all (OMP_WAIT_POLICY=PASSIVE)
+# made a 2-thread decode 3x slower here. A short spin keeps both fast.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
+
+from .errors import ModelError, PromptError  # noqa: E402
+
+GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
+_LOG_TAIL: collections.deque[str] = collections.deque(maxlen=20)
+_VERBOSE = False
+
+
+@llama_cpp.llama_log_callback
+def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """Keep llama.cpp's log out of the terminal, but remember its tail for error messages."""
+    line = text.decode("utf-8", errors="replace")
+    _LOG_TAIL.append(line)
+    if _VERBOSE and level in (GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR):
+        sys.stderr.write(line)
+
+
+llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show llama.cpp's own log on stderr (``-v``)."""
+    global _VERBOSE
+    _VERBOSE = verbose
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with a clear message before llama.cpp gets a file it cannot read."""
+    if not path.exists():
+        raise ModelError(f"policy model not found: {path} (pass a GGUF file with -m)")
+    if path.is_dir():
+        raise ModelError(f"policy model is a folder, not a GGUF file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"policy model is empty: {path} (re-download or re-install it)")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"policy model is not a GGUF file: {path} (llama.cpp needs a .gguf model)")
+
+
+class LlamaPolicy:
+    """A GGUF model with one context whose KV cache follows the evaluated tokens.
+
+    ``start`` reuses the cached prefix that a new prompt shares with what was
+    evaluated before, so a chat's second turn evaluates only the new tokens.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int | None = None,
+    ) -> None:
+        check_gguf(path)
+        # llama.cpp's own default: one thread per physical core (half the logical ones here).
+        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        _LOG_TAIL.clear()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=min(512, n_ctx),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=n_gpu_layers,
+                seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                logits_all=False,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            detail = "".join(_LOG_TAIL).strip().splitlines()
+            why = detail[-1] if detail else str(e)
+            raise ModelError(
+                f"llama.cpp could not load {path}: {why} "
+                "(the file may be truncated, or need a newer llama-cpp-python)"
+            ) from None
+        self.path = path
+        self.vocab = self.llm._model.vocab
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx = self.llm.n_ctx()
+        self.evaluated = 0  # tokens run through the model since load: shows cache reuse
+        self._logits: np.ndarray | None = None
+        self._piece_buf = ctypes.create_string_buffer(64)
+
+    # -- prompts ----------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template")
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The conversation in the model's own chat template, ready for the assistant's turn."""
+        template = self.chat_template
+        if not template:
+            raise PromptError(
+                f"{self.path.name} has no chat template; pass --raw to send the prompt as it is"
+            )
+        eos = self.token_text(self.llm.token_eos())
+        bos = self.token_text(self.llm.token_bos())
+        return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=list(messages)).prompt
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        """Token ids of ``text``; the BOS token is added only where the model asks for it
+        and the text does not already start with it (chat templates often write it)."""
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        bos = self.llm.token_bos()
+        if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos >= 0 and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token, however long (llama-cpp-python's own helper stops at 32)."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, -n, 0, special)
+        return self._piece_buf.raw[:n]
+
+    def vocab_texts(self) -> list[str]:
+        """Every token's vocabulary string, to tell whether a reward model shares this tokenizer."""
+        return [
+            llama_cpp.llama_vocab_get_text(self.vocab, i).decode("utf-8", errors="replace")
+            for i in range(self.n_vocab)
+        ]
+
+    # -- decoding (the search's Policy protocol) ------------------------------
+
+    def start(self, tokens: Sequence[int]) -> None:
+        """Position the model after ``tokens``, evaluating only what the cache lacks."""
+        if len(tokens) >= self.n_ctx:
+            raise PromptError(
+                f"the prompt is {len(tokens)} tokens but the context window is {self.n_ctx}; "
+                f"pass -c {_fit_ctx(len(tokens))} or more (the model was trained on "
+                f"{self.llm._model.n_ctx_train()})"
+            )
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        keep = 0
+        for a, b in zip(cached, tokens):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - 1)  # re-evaluate at least one token to get its logits
+        self.llm.n_tokens = keep
+        self._eval(tokens[keep:])
+
+    def room(self) -> int:
+        """How many more tokens fit in the context window."""
+        return self.n_ctx - self.llm.n_tokens
+
+    def logits(self) -> np.ndarray:
+        assert self._logits is not None, "start() must be called first"
+        return self._logits
+
+    def advance(self, token: int) -> None:
+        self._eval([token])
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def _eval(self, tokens: Sequence[int]) -> None:
+        self.llm.eval(list(tokens))
+        self.evaluated += len(tokens)
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        # Copied: llama.cpp overwrites this buffer at the next decode.
+        self._logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _fit_ctx(n_tokens: int) -> int:
+    """The next power of two that leaves room for a reply after ``n_tokens``."""
+    ctx = 512
+    while ctx < n_tokens + 256:
+        ctx *= 2
+    return ctx

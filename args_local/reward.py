@@ -1,0 +1,488 @@
+"""The reward runtime: an ONNX reward model run by onnxruntime.
+
+A reward-model folder holds ``model.onnx``, ``tokenizer.json`` (for models that take
+token ids) and ``reward.json``, the manifest that says how the text is built and
+which output is the reward (see README). Three scorers implement the search's
+``Scorer`` protocol:
+
+* :class:`TextScorer` re-reads ``prompt + response + candidate`` as text for every
+  candidate: works for any model (encoders, string classifiers, decoders).
+* :class:`CachedScorer` is for causal models exported with a KV cache that share
+  the policy's tokenizer: the response is prefilled once and the k candidates are
+  scored as one batch of single tokens against the cached prefix.
+* :class:`CausalFullScorer` feeds the same causal model the whole token sequence
+  for every candidate: the plain path the cached one must agree with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .errors import ModelError, RewardError
+
+log = logging.getLogger("args_local")
+
+MANIFEST = "reward.json"
+INPUTS = ("token_ids", "text")
+FORMATS = ("response", "pair", "template")
+ACTIVATIONS = ("none", "sigmoid", "softmax")
+ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """How to build the reward model's input and read its reward (``reward.json``)."""
+
+    name: str
+    input: Literal["token_ids", "text"] = "token_ids"
+    format: Literal["response", "pair", "template"] = "response"
+    template: str | None = None
+    kv_cache: bool = False
+    bos_token_id: int | None = None
+    output: str | None = None
+    index: int = 0
+    activation: Literal["none", "sigmoid", "softmax"] = "none"
+    range: tuple[float, float] | None = None
+    max_length: int = 512
+    weight: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: Path) -> "Manifest":
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("name", where.parent.name)
+        try:
+            m = cls(**values, extra={k: v for k, v in data.items() if k not in known})
+        except TypeError as e:
+            raise ModelError(f"{where}: {e}") from None
+        m.check(where)
+        if m.range is not None:
+            object.__setattr__(m, "range", (float(m.range[0]), float(m.range[1])))
+        elif m.activation in ("sigmoid", "softmax"):
+            object.__setattr__(m, "range", (0.0, 1.0))
+        return m
+
+    def check(self, where: Path) -> None:
+        def bad(what: str) -> ModelError:
+            return ModelError(f"{where}: {what}")
+
+        if self.input not in INPUTS:
+            raise bad(f'"input" must be one of {", ".join(INPUTS)}, not {self.input!r}')
+        if self.format not in FORMATS:
+            raise bad(f'"format" must be one of {", ".join(FORMATS)}, not {self.format!r}')
+        if self.format == "template" and (
+            not self.template or "{response}" not in self.template
+        ):
+            raise bad('"format": "template" needs a "template" containing {response}')
+        if self.activation not in ACTIVATIONS:
+            raise bad(f'"activation" must be one of {", ".join(ACTIVATIONS)}')
+        if self.kv_cache and (self.input != "token_ids" or self.format != "response"):
+            raise bad('"kv_cache" needs "input": "token_ids" and "format": "response"')
+        if self.range is not None and not (
+            len(self.range) == 2 and all(math.isfinite(v) for v in self.range) and self.range[0] <= self.range[1]
+        ):
+            raise bad('"range" must be [low, high] with finite low <= high')
+
+
+@dataclass
+class RewardStats:
+    """What the reward model cost: session runs, candidates scored, seconds."""
+
+    calls: int = 0
+    candidates: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """onnxruntime prints its CUDA fallback banner on stdout, which belongs to the text."""
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """One session thread pool that does not spin: llama.cpp needs the cores between runs."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def providers(gpu: bool) -> list[str]:
+    """CUDA when asked for and present in the installed onnxruntime, else the CPU."""
+    available = ort.get_available_providers()
+    chosen = ["CUDAExecutionProvider"] if gpu and "CUDAExecutionProvider" in available else []
+    return chosen + ["CPUExecutionProvider"]
+
+
+def resolve_folder(path: Path) -> tuple[Path, Path]:
+    """(model.onnx, folder) for a reward-model folder or a bare ``.onnx`` file."""
+    if not path.exists():
+        raise ModelError(f"reward model not found: {path} (pass a folder or .onnx file with -r)")
+    if path.is_dir():
+        onnx_file = path / "model.onnx"
+        if not onnx_file.exists():
+            raise ModelError(f"reward model folder {path} has no model.onnx")
+        return onnx_file, path
+    return path, path.parent
+
+
+def read_manifest(folder: Path, onnx_file: Path) -> Manifest:
+    where = folder / MANIFEST
+    if not where.exists():
+        log.info("%s has no %s; scoring the response alone with the first output", folder, MANIFEST)
+        return Manifest(name=onnx_file.stem)
+    try:
+        data = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{where} must hold a JSON object")
+    return Manifest.from_dict(data, where)
+
+
+class RewardModel:
+    """An ONNX reward model with its manifest and tokenizer, checked when it loads."""
+
+    def __init__(self, path: Path, threads: int | None = None, gpu: bool = False) -> None:
+        onnx_file, folder = resolve_folder(path)
+        self.path = path
+        self.manifest = read_manifest(folder, onnx_file)
+        if onnx_file.stat().st_size == 0:
+            raise ModelError(f"reward model {onnx_file} is empty (re-export or re-install it)")
+        try:
+            with _stdout_to_stderr():
+                self.session = ort.InferenceSession(
+                    str(onnx_file), sess_options=session_options(threads), providers=providers(gpu)
+                )
+        except Exception as e:  # onnxruntime raises its own untyped errors for bad files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"onnxruntime could not load {onnx_file}: {first}") from None
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.output = self.manifest.output or self.outputs[0]
+        self.tokenizer = self._load_tokenizer(folder)
+        self.past_names = sorted(n for n in self.inputs if n.startswith("past_key_values."))
+        self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
+        self.stats = RewardStats()
+        self._check_io()
+        self._smoke_test()
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        return self.manifest.range
+
+    # -- loading checks ---------------------------------------------------------
+
+    def _load_tokenizer(self, folder: Path) -> Tokenizer | None:
+        if self.manifest.input != "token_ids":
+            return None
+        file = folder / "tokenizer.json"
+        if not file.exists():
+            raise ModelError(f"reward model {folder} takes token ids but has no tokenizer.json")
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise ModelError(f"{file} is not a valid tokenizer.json: {e}") from None
+        side = "left" if self.manifest.format == "response" else "right"
+        tok.enable_truncation(self.manifest.max_length, direction=side)
+        return tok
+
+    def _check_io(self) -> None:
+        m, name = self.manifest, self.path
+        if self.output not in self.outputs:
+            raise ModelError(
+                f"reward model {name}: manifest output {self.output!r} is not among its outputs "
+                f"({', '.join(self.outputs)})"
+            )
+        if m.input == "text":
+            if len(self.inputs) != 1 or next(iter(self.inputs.values())).type != "tensor(string)":
+                raise ModelError(
+                    f"reward model {name}: the manifest says it takes text, but its inputs are "
+                    f"{_describe(self.inputs)}; set \"input\": \"token_ids\" and ship a tokenizer.json"
+                )
+            return
+        allowed = {"input_ids", "attention_mask", "token_type_ids", "position_ids", *self.past_names}
+        if "input_ids" not in self.inputs or set(self.inputs) - allowed:
+            raise ModelError(
+                f"reward model {name}: inputs {_describe(self.inputs)} do not fit; a token-id model "
+                "takes input_ids and optionally attention_mask, token_type_ids, position_ids, past_key_values.*"
+            )
+        if m.kv_cache:
+            if not self.past_names or any(p not in self.outputs for p in self.present_names):
+                raise ModelError(
+                    f"reward model {name}: the manifest sets kv_cache but the model has no "
+                    "past_key_values.* inputs with matching present.* outputs; re-export it with --with-past"
+                )
+            if m.bos_token_id is None:
+                raise ModelError(f"reward model {name}: a kv_cache model needs bos_token_id in its manifest")
+
+    def _smoke_test(self) -> None:
+        """Score one tiny text, with the tokenizer's largest id, so that a tokenizer that does
+        not match the model, or an output index out of range, fails now and not mid-reply."""
+        try:
+            if self.manifest.input == "token_ids" and self.tokenizer is not None:
+                top = self.tokenizer.get_vocab_size(with_added_tokens=True) - 1
+                rows = [self._bos() + [top, top]]
+                self.score_ids(rows)
+            else:
+                self.score_texts(["Hello"], ["Hello there."])
+        except RewardError:
+            raise
+        except ModelError:
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(
+                f"reward model {self.path} failed on a test input ({first}); its tokenizer.json or "
+                "manifest does not fit the model"
+            ) from None
+        self.stats = RewardStats()
+
+    # -- scoring ----------------------------------------------------------------
+
+    def _bos(self) -> list[int]:
+        return [] if self.manifest.bos_token_id is None else [self.manifest.bos_token_id]
+
+    def _run(self, feeds: dict[str, Any], n_candidates: int, extra: Sequence[str] = ()) -> list[Any]:
+        t = time.perf_counter()
+        out = self.session.run([self.output, *extra], feeds)
+        self.stats.calls += 1
+        self.stats.candidates += n_candidates
+        self.stats.seconds += time.perf_counter() - t
+        return out
+
+    def _reward(self, raw: Any, last: np.ndarray | None) -> np.ndarray:
+        """Rewards from the chosen output: [b, n], [b, s, n] at each row's last position, [b],
+        or a list of {label: prob} maps (scikit-learn exports); then the activation."""
+        if isinstance(raw, list):
+            values = np.array([[row[k] for k in sorted(row)] for row in raw], dtype=np.float64)
+        else:
+            values = np.asarray(raw, dtype=np.float64)
+        if values.ndim == 3:
+            rows = np.arange(values.shape[0])
+            values = values[rows, last if last is not None else -1]
+        if values.ndim == 1:
+            values = values[:, None]
+        if not -values.shape[1] <= self.manifest.index < values.shape[1]:
+            raise ModelError(
+                f"reward model {self.path}: output {self.output!r} has {values.shape[1]} values per "
+                f"text; manifest index {self.manifest.index} is out of range"
+            )
+        if self.manifest.activation == "softmax":
+            z = np.exp(values - values.max(axis=1, keepdims=True))
+            values = z / z.sum(axis=1, keepdims=True)
+        elif self.manifest.activation == "sigmoid":
+            values = 1.0 / (1.0 + np.exp(-values))
+        return values[:, self.manifest.index]
+
+    def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Rewards of whole token sequences (right-padded), no cache."""
+        n = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), n), dtype=np.int64)
+        mask = np.zeros((len(rows), n), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        feeds = self._token_feeds(ids, mask, np.zeros_like(ids))
+        feeds.update(self._empty_past(len(rows)))
+        (raw,) = self._run(feeds, len(rows))
+        return self._reward(raw, mask.sum(axis=1) - 1)
+
+    def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """Rewards of finished (prompt, response) pairs built as the manifest says."""
+        m = self.manifest
+        if m.format == "template":
+            texts = [m.template.replace("{prompt}", p).replace("{response}", r) for p, r in zip(prompts, responses)]
+        else:
+            texts = list(responses)
+        if m.input == "text":
+            feed_name = next(iter(self.inputs))
+            if m.format == "pair":
+                texts = [f"{p}\n{r}" for p, r in zip(prompts, texts)]
+            (raw,) = self._run({feed_name: np.array(texts, dtype=object)}, len(texts))
+            return self._reward(raw, None)
+        assert self.tokenizer is not None
+        if m.format == "pair":
+            enc = self.tokenizer.encode_batch(list(zip(prompts, texts)))
+        else:
+            enc = self.tokenizer.encode_batch(texts, add_special_tokens=m.bos_token_id is None)
+        bos = self._bos()
+        n = max(len(e.ids) for e in enc) + len(bos)
+        ids = np.zeros((len(enc), n), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        types = np.zeros_like(ids)
+        for i, e in enumerate(enc):
+            row = bos + e.ids
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+            types[i, len(bos) : len(row)] = e.type_ids
+        feeds = self._token_feeds(ids, mask, types)
+        feeds.update(self._empty_past(len(enc)))
+        (raw,) = self._run(feeds, len(enc))
+        return self._reward(raw, mask.sum(axis=1) - 1)
+
+    def _token_feeds(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, past: int = 0) -> dict[str, Any]:
+        feeds: dict[str, Any] = {"input_ids": ids}
+        if "attention_mask" in self.inputs:
+            full = np.ones((ids.shape[0], past), dtype=np.int64)
+            feeds["attention_mask"] = np.concatenate([full, mask], axis=1)
+        if "token_type_ids" in self.inputs:
+            feeds["token_type_ids"] = types
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past, past + ids.shape[1], dtype=np.int64), ids.shape).copy()
+        for name in feeds:
+            want = ORT_TYPES.get(self.inputs[name].type)
+            if want is not None and feeds[name].dtype != want:
+                feeds[name] = feeds[name].astype(want)
+        return feeds
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name in self.past_names:
+            shape = self.inputs[name].shape
+            heads, dim = shape[1], shape[3]
+            if not (isinstance(heads, int) and isinstance(dim, int)):
+                heads, dim = self.manifest.extra["num_kv_heads"], self.manifest.extra["head_dim"]
+            feeds[name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
+        return feeds
+
+    # -- scorers ----------------------------------------------------------------
+
+    def scorer(
+        self,
+        prompt: str,
+        token_bytes: Callable[[int], bytes],
+        policy_vocab: Callable[[], list[str]] | None = None,
+        use_cache: bool = True,
+    ) -> "TextScorer | CachedScorer | CausalFullScorer":
+        """The fastest exact scorer for this model and policy.
+
+        Token ids go straight from the policy to the reward model only when both
+        share a vocabulary; otherwise the response is re-read as text.
+        """
+        if self.manifest.kv_cache and policy_vocab is not None and self.shares_vocab(policy_vocab()):
+            return CachedScorer(self) if use_cache else CausalFullScorer(self)
+        if self.manifest.kv_cache:
+            log.info("reward model %s does not share the policy's tokenizer: re-scoring text", self.path)
+        return TextScorer(self, prompt, token_bytes)
+
+    def shares_vocab(self, policy_texts: list[str]) -> bool:
+        if self.tokenizer is None:
+            return False
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        if len(vocab) != len(policy_texts):
+            return False
+        return all(vocab.get(text) == i for i, text in enumerate(policy_texts))
+
+
+def _describe(inputs: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {i.type}" for n, i in inputs.items())
+
+
+class TextScorer:
+    """Re-reads the whole text of each candidate; identical texts are scored once."""
+
+    def __init__(self, model: RewardModel, prompt: str, token_bytes: Callable[[int], bytes]) -> None:
+        self.model = model
+        self.prompt = prompt
+        self.token_bytes = token_bytes
+        self.bounds = model.bounds
+        self.response = bytearray()
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        # A candidate may end inside a UTF-8 character: score the complete characters.
+        texts = [(bytes(self.response) + self.token_bytes(t)).decode("utf-8", errors="ignore") for t in tokens]
+        unique = list(dict.fromkeys(texts))
+        rewards = self.model.score_texts([self.prompt] * len(unique), unique)
+        by_text = dict(zip(unique, rewards))
+        return np.array([by_text[t] for t in texts])
+
+    def advance(self, token: int) -> None:
+        self.response += self.token_bytes(token)
+
+
+class CausalFullScorer:
+    """Feeds ``[bos] + response + candidate`` whole for every candidate (no cache)."""
+
+    def __init__(self, model: RewardModel) -> None:
+        self.model = model
+        self.bounds = model.bounds
+        self.tokens: list[int] = list(model._bos())
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.model.score_ids([self.tokens + [t] for t in tokens])
+
+    def advance(self, token: int) -> None:
+        self.tokens.append(token)
+
+
+class CachedScorer:
+    """Scores k candidates as one batch of single tokens against the cached response.
+
+    The chosen candidate's key/value rows become the new cache, so accepting a
+    scored token costs nothing; tokens accepted without scoring (skipped steps)
+    wait in ``pending`` and are fed in one run before the next scoring.
+    """
+
+    def __init__(self, model: RewardModel) -> None:
+        self.model = model
+        self.bounds = model.bounds
+        self.past = model._empty_past(1)
+        self.length = 0
+        self.pending: list[int] = list(model._bos())
+        self._last: tuple[list[int], list[np.ndarray]] | None = None
+
+    def _forward(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        m = self.model
+        feeds = m._token_feeds(ids, np.ones_like(ids), np.zeros_like(ids), past=self.length)
+        feeds.update(past)
+        raw, *presents = m._run(feeds, ids.shape[0] if ids.shape[1] == 1 else 0, m.present_names)
+        return m._reward(raw, None), presents
+
+    def _catch_up(self) -> None:
+        ids = np.array([self.pending], dtype=np.int64)
+        _, presents = self._forward(ids, self.past)
+        self.past = dict(zip(self.model.past_names, presents))
+        self.length += len(self.pending)
+        self.pending = []
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        if self.pending:
+            self._catch_up()
+        k = len(tokens)
+        past = {n: np.repeat(v, k, axis=0) for n, v in self.past.items()}
+        rewards, presents = self._forward(np.array(tokens, dtype=np.int64)[:, None], past)
+        self._last = (list(tokens), presents)
+        return rewards
+
+    def advance(self, token: int) -> None:
+        if self._last is not None and token in self._last[0] and not self.pending:
+            row = self._last[0].index(token)
+            self.past = {n: p[row : row + 1] for n, p in zip(self.model.past_names, self._last[1])}
+            self.length += 1
+        else:
+            self.pending.append(token)
+        self._last = None

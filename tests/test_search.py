@@ -1,0 +1,162 @@
+"""The ARGS loop's arithmetic, with fake policies and reward models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from args_local.errors import RewardError
+from args_local.search import SearchConfig, args_search, contenders, top_k
+from fakes import FnScorer, TablePolicy
+
+
+def run(policy, scorer, n=20, **config) -> list[int]:
+    return [s.token for s in args_search(policy, scorer, SearchConfig(**config), n)]
+
+
+def test_top_k_orders_best_first_and_breaks_ties_by_lower_id():
+    ids, values = top_k(np.array([1.0, 5.0, 5.0, 3.0, -1.0]), 3)
+    assert ids.tolist() == [1, 2, 3]
+    assert values.tolist() == [5.0, 5.0, 3.0]
+
+
+def test_weight_zero_and_k_one_are_greedy():
+    expected = TablePolicy().greedy(20)
+    reward = lambda resp, t: float(t % 7)
+    assert run(TablePolicy(), FnScorer(reward), weight=0.0) == expected
+    assert run(TablePolicy(), FnScorer(reward), top_k=1, weight=5.0) == expected
+
+
+def test_a_strongly_favoured_candidate_wins():
+    policy = TablePolicy()
+    favoured = int(top_k(policy.logits(), 10)[0][7])  # 8th most likely first token
+    steps = list(args_search(policy, FnScorer(lambda r, t: 100.0 if t == favoured else 0.0), SearchConfig(top_k=10, weight=1.0), 1))
+    assert steps[0].token == favoured
+    assert steps[0].reward == 100.0
+    assert math.isclose(steps[0].score, steps[0].logit + 100.0)
+
+
+def test_score_is_logit_plus_weighted_reward_argmax():
+    policy = TablePolicy(seed=3)
+    ids, logits = top_k(policy.logits(), 5)
+    rewards = {int(t): float(i) for i, t in enumerate(ids)}  # later candidates get more reward
+    step = next(args_search(policy, FnScorer(lambda r, t: rewards[t]), SearchConfig(top_k=5, weight=2.0), 1))
+    scores = logits + 2.0 * np.arange(5)
+    assert step.token == int(ids[int(np.argmax(scores))])
+
+
+def test_sampling_with_a_seed_repeats_exactly_and_differs_across_seeds():
+    reward = lambda resp, t: float((t * 31 + len(resp)) % 5) / 5
+    a = run(TablePolicy(), FnScorer(reward), mode="sample", seed=7, temperature=1.5)
+    b = run(TablePolicy(), FnScorer(reward), mode="sample", seed=7, temperature=1.5)
+    c = run(TablePolicy(), FnScorer(reward), mode="sample", seed=8, temperature=1.5)
+    assert a == b
+    assert a != c
+
+
+def test_eog_stops_unless_ignored():
+    policy = TablePolicy(seed=1)
+    first = int(np.argmax(policy.logits()))
+    assert run(TablePolicy(seed=1, eog=first), None, n=5, weight=0.0) == []
+    steps = list(args_search(TablePolicy(seed=1, eog=first), None, SearchConfig(weight=0.0), 5, ignore_eos=True))
+    assert len(steps) == 5 and steps[0].token == first
+
+
+def test_bounded_rewards_skip_the_reward_model_when_no_candidate_can_overtake():
+    logits = np.array([10.0, 9.5, 2.0, 1.0])
+    assert contenders(logits, 1.0, (0.0, 1.0)).tolist() == [True, True, False, False]
+    assert contenders(logits, 0.1, (0.0, 1.0)).tolist() == [True, False, False, False]
+    assert contenders(logits, 0.1, None).all()
+
+
+@pytest.mark.parametrize("weight, saves", [(0.5, True), (2.0, True), (30.0, False)])
+def test_skipping_never_changes_greedy_choices(weight, saves):
+    reward = lambda resp, t: ((t * 13 + len(resp) * 7) % 11) / 10.0
+    bounded = FnScorer(reward, bounds=(0.0, 1.0))
+    unbounded = FnScorer(reward, bounds=None)
+    assert run(TablePolicy(seed=2), bounded, n=40, weight=weight) == run(TablePolicy(seed=2), unbounded, n=40, weight=weight)
+    assert (bounded.seen < unbounded.seen) == saves  # a large w leaves every candidate in reach
+
+
+def test_non_finite_rewards_drop_the_candidate():
+    policy = TablePolicy(seed=4)
+    top = int(top_k(policy.logits(), 3)[0][0])
+    step = next(args_search(policy, FnScorer(lambda r, t: math.nan if t == top else 0.0), SearchConfig(top_k=3, weight=1.0), 1))
+    assert step.token != top
+    with pytest.raises(RewardError):
+        next(args_search(TablePolicy(seed=4), FnScorer(lambda r, t: math.inf), SearchConfig(top_k=3, weight=1.0), 1))
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=0), dict(weight=math.nan), dict(weight=math.inf), dict(mode="beam"), dict(mode="sample", temperature=-1.0)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        SearchConfig(**bad)
+
+
+# -- properties ------------------------------------------------------------------
+
+class ShuffledPolicy(TablePolicy):
+    """The same policy with its vocabulary relabelled: candidate order changes, choices must not."""
+
+    def __init__(self, perm: np.ndarray, **kw) -> None:
+        super().__init__(**kw)
+        self.perm = perm
+        self.inv = np.argsort(perm)
+
+    def logits(self) -> np.ndarray:
+        return super().logits()[self.inv]  # new id i is old id inv[i]
+
+    def advance(self, token: int) -> None:
+        super().advance(int(self.inv[token]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    k=st.integers(1, 50),
+    weight=st.floats(-20, 20, allow_nan=False),
+    reward_seed=st.integers(0, 1000),
+    nan_share=st.floats(0, 0.5),
+)
+def test_properties_of_greedy_search(seed, k, weight, reward_seed, nan_share):
+    table = np.random.default_rng(reward_seed).normal(size=(50, 50))
+    holes = np.random.default_rng(reward_seed + 1).random((50, 50)) < nan_share
+
+    def reward(resp, t):
+        last = resp[-1] if resp else 0
+        return math.nan if holes[last, t] else float(table[last, t])
+
+    policy = TablePolicy(seed=seed)
+    try:
+        steps = list(args_search(policy, FnScorer(reward, bounds=None), SearchConfig(top_k=k, weight=weight), 8))
+    except RewardError:
+        return  # every candidate NaN at some step: refused, never chosen
+    replay = TablePolicy(seed=seed)
+    for step in steps:
+        ids, _ = top_k(replay.logits(), k)
+        assert step.token in ids.tolist()  # always among the top k
+        assert math.isfinite(step.score)  # no NaN reaches the choice
+        replay.advance(step.token)
+    if weight == 0:
+        assert [s.token for s in steps] == TablePolicy(seed=seed).greedy(8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 1000), k=st.integers(2, 20), weight=st.floats(0.1, 10), perm_seed=st.integers(0, 1000))
+def test_choices_do_not_depend_on_candidate_order(seed, k, weight, perm_seed):
+    """Relabelling the vocabulary reorders candidates among equal logits' ties only through ids;
+    with distinct logits the chosen (relabelled) tokens must be the same."""
+    perm = np.random.default_rng(perm_seed).permutation(50)
+    table = np.random.default_rng(seed + 1).random((50, 50))
+    base = run(TablePolicy(seed=seed), FnScorer(lambda r, t: table[r[-1] if r else 0, t]), n=10, top_k=k, weight=weight)
+    inv = np.argsort(perm)
+    relabelled = run(
+        ShuffledPolicy(perm, seed=seed),
+        FnScorer(lambda r, t: table[inv[r[-1]] if r else 0, inv[t]]),
+        n=10, top_k=k, weight=weight,
+    )
+    assert [int(inv[t]) for t in relabelled] == base
