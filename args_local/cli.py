@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +26,7 @@ class Group(click.Group):
     """Turns the project's errors and Ctrl-C into a sentence and an exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except ArgsLocalError as e:
@@ -45,6 +47,11 @@ class Group(click.Group):
                 traceback.print_exc()
             click.echo(f"args-local: internal error: {type(e).__name__}: {e} (run with -v for details)", err=True)
             ctx.exit(1)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM stops like Ctrl-C: finished batch rows are already on disk."""
+    raise KeyboardInterrupt
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -115,15 +122,20 @@ def load_engine(opts: dict[str, Any], with_reward: bool = True):
     return Engine(policy, reward)
 
 
+def weight_of(opts: dict[str, Any], engine) -> float:
+    """-w, else the weight the reward model's manifest suggests, else the reference's 1.5."""
+    if opts["weight"] is not None:
+        return opts["weight"]
+    suggested = engine.reward.manifest.weight if engine.reward else None
+    return suggested if suggested is not None else 1.5
+
+
 def search_config(opts: dict[str, Any], engine) -> "SearchConfig":
     from .search import SearchConfig
 
     if opts["top_k"] > engine.policy.n_vocab:
         raise click.BadParameter(f"{opts['top_k']} is more than the vocabulary ({engine.policy.n_vocab})", param_hint="-k/--top-k")
-    weight = opts["weight"]
-    if weight is None:
-        weight = engine.reward.manifest.weight if engine.reward and engine.reward.manifest.weight is not None else 1.5
-    return SearchConfig(top_k=opts["top_k"], weight=weight, mode=opts["mode"], temperature=opts["temp"], seed=opts["seed"])
+    return SearchConfig(top_k=opts["top_k"], weight=weight_of(opts, engine), mode=opts["mode"], temperature=opts["temp"], seed=opts["seed"])
 
 
 def read_stdin() -> str:
@@ -148,22 +160,23 @@ def read_stdin() -> str:
 @click.option("--ignore-eos", is_flag=True, help="always generate -n tokens (for benchmarks)")
 @click.option("--no-cache", is_flag=True, help="re-score whole sequences instead of using the reward model's KV cache")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
+@click.option("--batch", type=click.Path(path_type=Path, dir_okay=False), help="prompts file: one per line, or JSONL with \"prompt\" and per-row settings")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="with --batch: JSONL results file [default: stdout]")
+@click.option("--resume", is_flag=True, help="with --batch -o: skip the rows already in the output file")
 def generate(prompt: str | None, **opts: Any) -> None:
     """Generate a reply to PROMPT (or to all of stdin) under ARGS decoding."""
-    from .generate import Request, Result
+    from .generate import Result
 
+    if opts["batch"]:
+        if prompt is not None:
+            raise click.UsageError("give either a PROMPT or --batch, not both")
+        return run_batch(opts)
+    if opts["output"] or opts["resume"]:
+        raise click.UsageError("-o/--output and --resume go with --batch")
     if prompt is None:
         prompt = read_stdin()
     engine = load_engine(opts)
-    request = Request(
-        prompt=prompt,
-        tokens=engine.encode(prompt, opts["system"], opts["raw"]),
-        config=search_config(opts, engine),
-        max_tokens=opts["max_tokens"],
-        ignore_eos=opts["ignore_eos"],
-        stop=tuple(opts["stop"]),
-        use_cache=not opts["no_cache"],
-    )
+    request = make_request(engine, opts, prompt)
     result = Result()
     for piece in engine.stream(request, result):
         if not opts["as_json"] and piece.text:
@@ -175,6 +188,135 @@ def generate(prompt: str | None, **opts: Any) -> None:
         click.echo()
     if opts["verbose"]:
         _log_timings(result)
+
+
+def make_request(engine, opts: dict[str, Any], prompt: str, row: dict[str, Any] | None = None):
+    """A request from the flags, with a batch row's own settings taking precedence."""
+    from .generate import Request
+
+    o = {**opts, **{("temp" if k == "temperature" else k): v for k, v in (row or {}).items()}}
+    stop = o["stop"]
+    config = search_config(o, engine)
+    if not isinstance(o["max_tokens"], int) or o["max_tokens"] < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {o['max_tokens']!r}")
+    return Request(
+        prompt=prompt,
+        tokens=engine.encode(prompt, o["system"], o["raw"]),
+        config=config,
+        max_tokens=o["max_tokens"],
+        ignore_eos=o["ignore_eos"],
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        use_cache=not o["no_cache"],
+    )
+
+
+def run_batch(opts: dict[str, Any]) -> None:
+    """Every row of --batch, in order, each result written as soon as it is finished."""
+    from . import batch
+    from .generate import Result
+
+    rows = batch.read_rows(opts["batch"])
+    out_path = opts["output"]
+    done = batch.finished_indices(out_path) if opts["resume"] and out_path else set()
+    if out_path and out_path.exists() and out_path.stat().st_size and not opts["resume"]:
+        raise click.UsageError(f"{out_path} already holds results: pass --resume to continue it, or choose another -o")
+    todo = list(batch.pending(rows, done))
+    click.echo(f"args-local: {len(rows)} rows, {len(done)} already done, {len(todo)} to run", err=True)
+    if not todo:
+        return
+    engine = load_engine(opts)
+    failed = 0
+    with (out_path.open("a", encoding="utf-8") if out_path else _stdout()) as out:
+        writer = batch.ResultWriter(out)
+        for n, row in enumerate(todo, 1):
+            try:
+                request = make_request(engine, opts, row.prompt, row.overrides)
+                result = Result()
+                for _ in engine.stream(request, result):
+                    pass
+                record = {"index": row.index, **_report(row.prompt, request, result, engine)}
+            except (ValueError, TypeError, ArgsLocalError, click.BadParameter) as e:
+                failed += 1
+                record = {"index": row.index, "prompt": row.prompt, "error": str(e)}
+            writer.write(record)
+            click.echo(f"args-local: [{n}/{len(todo)}] row {row.index}" + (" failed" if "error" in record else f" {record['tokens']} tokens, {record['elapsed_s']:.1f} s"), err=True)
+    if failed:
+        raise ArgsLocalError(f"{failed} of {len(todo)} rows failed; their errors are in the output")
+
+
+def _stdout():
+    """stdout as a context manager that is not closed on exit."""
+    import contextlib
+
+    return contextlib.nullcontext(sys.stdout)
+
+
+@main.command()
+@model_options
+@click.option("-k", "--top-k", type=click.IntRange(min=2), default=10, show_default=True, help="candidates scored per token")
+@click.option("-w", "--weight", type=float, callback=_finite, help="reward weight [default: the reward model's]")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=16), default=128, show_default=True, help="tokens per run (always generated: EOS is ignored)")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="alternating rounds; the table shows medians")
+@click.option("--full", is_flag=True, help="also time full re-scoring without the reward model's KV cache (slow at long lengths)")
+@click.option("-p", "--prompt", default="Tell me about your weekend.", show_default=True)
+def bench(**opts: Any) -> None:
+    """Time greedy decoding and ARGS on the same policy, in alternation; print a Markdown table."""
+    from . import bench as b
+
+    engine = load_engine(opts)
+    weight = weight_of(opts, engine)
+    rows = b.bench(
+        engine, opts["prompt"], b.variants(opts["top_k"], weight, opts["full"]), opts["max_tokens"], opts["repeats"],
+        progress=lambda msg: click.echo(f"args-local: {msg}", err=True),
+    )
+    click.echo(f"policy {engine.policy.path.name}, reward {engine.reward.manifest.name}, w = {weight}, "
+               f"{opts['max_tokens']} tokens, median of {opts['repeats']} runs\n")
+    click.echo(b.table(rows))
+    click.echo(f"\npeak memory of this benchmark process: {b.peak_rss_mb():.0f} MB")
+    first, peak = b.cold_start([opts["prompt"], "-n", "16"])
+    click.echo(f"default `args-local generate`: first token {first:.2f} s after launch, peak memory {peak:.0f} MB")
+
+
+@main.command()
+@model_options
+@search_options
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="most tokens per reply")
+@click.option("-s", "--system", help="system message")
+def chat(**opts: Any) -> None:
+    """Chat in the terminal under ARGS decoding; /help lists the commands."""
+    from .chat import ChatSession, repl
+
+    engine = load_engine(opts)
+    session = ChatSession(engine, search_config(opts, engine), max_tokens=opts["max_tokens"], system=opts["system"], verbose=opts["verbose"])
+    repl(session)
+
+
+@main.command("export")
+@click.argument("source")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--with-past", is_flag=True, help="export a causal reward model with its KV cache (scored incrementally)")
+@click.option("--quantize", type=click.Choice(["int8"]), help="dynamic int8 quantization (CPU)")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="fp16 for GPU users")
+@click.option("-v", "--verbose", is_flag=True, help="show the exporter's own logs")
+def export_cmd(source: str, out_dir: Path, with_past: bool, quantize: str | None, dtype: str, verbose: bool) -> None:
+    """Export a Hugging Face reward model (folder or hub id) to a checked ONNX reward-model folder.
+
+    Needs the `export` extra (torch, transformers, optimum-onnx); the runtime never imports them.
+    """
+    from .export import export_reward_model
+
+    export_reward_model(source, out_dir, with_past=with_past, quantize=quantize, dtype=dtype, verbose=verbose,
+                        log=lambda msg: click.echo(f"args-local: {msg}", err=True))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def info(path: Path) -> None:
+    """Describe a GGUF policy or a reward-model folder: architecture, tokenizer, inputs, outputs, manifest."""
+    from .info import describe
+
+    for key, value in describe(path):
+        click.echo(f"{key}: {value}")
 
 
 def _report(prompt: str, request, result, engine) -> dict[str, Any]:

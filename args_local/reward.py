@@ -51,6 +51,7 @@ class Manifest:
     template: str | None = None
     kv_cache: bool = False
     bos_token_id: int | None = None
+    pad_token_id: int = 0
     output: str | None = None
     index: int = 0
     activation: Literal["none", "sigmoid", "softmax"] = "none"
@@ -301,7 +302,7 @@ class RewardModel:
     def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """Rewards of whole token sequences (right-padded), no cache."""
         n = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), n), dtype=np.int64)
+        ids = np.full((len(rows), n), self.manifest.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(rows), n), dtype=np.int64)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
@@ -331,7 +332,7 @@ class RewardModel:
             enc = self.tokenizer.encode_batch(texts, add_special_tokens=m.bos_token_id is None)
         bos = self._bos()
         n = max(len(e.ids) for e in enc) + len(bos)
-        ids = np.zeros((len(enc), n), dtype=np.int64)
+        ids = np.full((len(enc), n), m.pad_token_id, dtype=np.int64)
         mask = np.zeros_like(ids)
         types = np.zeros_like(ids)
         for i, e in enumerate(enc):

@@ -1,0 +1,138 @@
+"""Speed of ARGS against plain greedy decoding of the same policy, in the same process.
+
+Variants run in alternation (greedy, ARGS, greedy, ARGS...) so that the machine's
+noise hits all of them alike; the table reports medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .errors import ArgsLocalError
+from .generate import Engine, Request, Result
+from .search import SearchConfig
+
+LENGTHS = (32, 128, 512)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    config: SearchConfig
+    use_cache: bool = True
+
+
+@dataclass
+class Timing:
+    """One run: total throughput and the wall time of every step."""
+
+    result: Result
+    step_s: list[float] = field(default_factory=list)
+
+
+def variants(top_k: int, weight: float, full: bool) -> list[Variant]:
+    """Greedy first (the reference), then the ARGS variants."""
+    out = [
+        Variant("greedy", SearchConfig(top_k=1, weight=0.0)),
+        Variant(f"args-greedy k={top_k}", SearchConfig(top_k=top_k, weight=weight)),
+        Variant(f"args-sample k={top_k}", SearchConfig(top_k=top_k, weight=weight, mode="sample", seed=0)),
+    ]
+    if full:
+        out.append(Variant(f"args-greedy k={top_k} full re-scoring", SearchConfig(top_k=top_k, weight=weight), use_cache=False))
+    return out
+
+
+def time_run(engine: Engine, tokens: list[int], prompt: str, variant: Variant, n: int) -> Timing:
+    request = Request(prompt=prompt, tokens=tokens, config=variant.config, max_tokens=n, ignore_eos=True, use_cache=variant.use_cache)
+    timing = Timing(Result())
+    last = time.perf_counter()
+    for _ in engine.stream(request, timing.result):
+        now = time.perf_counter()
+        timing.step_s.append(now - last)
+        last = now
+    return timing
+
+
+def per_token_at(step_s: list[float], length: int, window: int = 16) -> float | None:
+    """Mean step time over the ``window`` steps that end at response length ``length``."""
+    if len(step_s) < length:
+        return None
+    return statistics.fmean(step_s[length - window : length])
+
+
+@dataclass
+class Row:
+    name: str
+    tokens_per_s: float
+    ratio: float
+    reward_calls_per_token: float
+    reward_ms_per_token: float
+    ms_per_token_at: dict[int, float | None]
+
+
+def bench(engine: Engine, prompt: str, variant_list: list[Variant], n: int, repeats: int, progress=None) -> list[Row]:
+    """Medians over ``repeats`` alternating rounds of every variant."""
+    tokens = engine.encode(prompt)
+    runs: dict[str, list[Timing]] = {v.name: [] for v in variant_list}
+    time_run(engine, tokens, prompt, variant_list[0], 8)  # warm-up: caches, allocations
+    for r in range(repeats):
+        for v in variant_list:
+            if progress:
+                progress(f"round {r + 1}/{repeats}: {v.name}")
+            runs[v.name].append(time_run(engine, tokens, prompt, v, n))
+    rows = []
+    base = None
+    for v in variant_list:
+        timings = runs[v.name]
+        tps = statistics.median(t.result.tokens / t.result.elapsed_s for t in timings)
+        base = base or tps
+        rows.append(Row(
+            name=v.name,
+            tokens_per_s=tps,
+            ratio=tps / base,
+            reward_calls_per_token=statistics.median(t.result.reward_calls / t.result.tokens for t in timings),
+            reward_ms_per_token=statistics.median(1000 * t.result.reward_s / t.result.tokens for t in timings),
+            ms_per_token_at={
+                L: (statistics.median(x for x in (per_token_at(t.step_s, L) for t in timings)) * 1000 if n >= L else None)
+                for L in LENGTHS
+            },
+        ))
+    return rows
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(who).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def cold_start(args: list[str]) -> tuple[float, float]:
+    """Seconds from launching ``args-local generate`` to its first byte of text, and the
+    child's peak memory in MB: what a user waits for and pays on the default models."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "args_local", "generate", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    proc.stdout.read(1)
+    first = time.perf_counter() - start
+    proc.stdout.read()
+    if proc.wait() != 0:
+        raise ArgsLocalError(f"args-local generate {' '.join(args)} failed with exit code {proc.returncode}")
+    return first, peak_rss_mb(resource.RUSAGE_CHILDREN)
+
+
+def table(rows: list[Row]) -> str:
+    """The results as a Markdown table."""
+    head = "| variant | tokens/s | x greedy | reward calls/token | reward ms/token | " + " | ".join(f"ms/token @{L}" for L in LENGTHS) + " |"
+    sep = "|" + "---|" * (5 + len(LENGTHS))
+    lines = [head, sep]
+    for r in rows:
+        at = " | ".join(f"{r.ms_per_token_at[L]:.1f}" if r.ms_per_token_at[L] is not None else "-" for L in LENGTHS)
+        lines.append(
+            f"| {r.name} | {r.tokens_per_s:.1f} | {r.ratio:.2f} | {r.reward_calls_per_token:.2f} | {r.reward_ms_per_token:.2f} | {at} |"
+        )
+    return "\n".join(lines)

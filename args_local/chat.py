@@ -1,0 +1,218 @@
+"""Terminal chat: a multi-turn conversation whose KV cache carries over between turns.
+
+The conversation is kept as token ids: each new turn appends the template's text
+between the last reply and the next assistant header to the tokens already
+evaluated, so the policy's cache reuse (``LlamaPolicy.start``) evaluates only the
+new turn, never the history again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .generate import Engine, Piece, Request, Result
+from .reward import RewardModel
+from .search import MODES, SearchConfig
+
+HELP = """Commands:
+  /set k N          candidates per token (top-k)
+  /set w X          reward weight
+  /set mode M       greedy or sample
+  /set temp T       sampling temperature
+  /set n N          most tokens per reply
+  /set verbose      toggle per-reply timings and reward on stderr
+  /reward PATH      switch to another reward model
+  /system TEXT      set the system message (clears the conversation)
+  /clear            forget the conversation
+  /help             this text
+  /bye              leave (Ctrl-D too)
+  \"\"\"               start and end a multi-line message
+Ctrl-C stops a reply and keeps the conversation."""
+
+
+@dataclass
+class ChatSession:
+    """The conversation so far, as messages and as the token ids the policy has seen."""
+
+    engine: Engine
+    config: SearchConfig
+    max_tokens: int = 512
+    system: str | None = None
+    verbose: bool = False
+    messages: list[dict[str, str]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    rendered: str = ""
+
+    def clear(self) -> None:
+        self.messages, self.tokens, self.rendered = [], [], ""
+
+    def _all_messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def _prompt_tokens(self) -> list[int]:
+        """Tokens for the next reply: the known history plus only the new turn's tokens."""
+        policy = self.engine.policy
+        rendered = policy.render_chat(self._all_messages())
+        if self.tokens and rendered.startswith(self.rendered):
+            new = policy.tokenize(rendered[len(self.rendered) :], special=True)
+            if new and new[0] == policy.llm.token_bos():
+                new = new[1:]
+            tokens = self.tokens + new
+        else:
+            tokens = policy.tokenize(rendered, special=True)
+        self.rendered = rendered
+        return tokens
+
+    def reply(self, text: str, result: Result) -> Iterator[Piece]:
+        """Stream the assistant's answer to ``text``; the history keeps what was shown, even
+        when the consumer stops early (Ctrl-C)."""
+        self.messages.append({"role": "user", "content": text})
+        tokens = self._prompt_tokens()
+        request = Request(prompt=text, tokens=tokens, config=self.config, max_tokens=self.max_tokens)
+        generated: list[int] = []
+        try:
+            for piece in self.engine.stream(request, result):
+                generated.append(piece.step.token)
+                yield piece
+        finally:
+            self.messages.append({"role": "assistant", "content": result.text})
+            self.tokens = tokens + generated
+            self.rendered += result.text
+
+    def command(self, line: str) -> str | None:
+        """Run a /command; returns what to show, or None for /bye."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if name == "/bye":
+            return None
+        if name == "/help":
+            return HELP
+        if name == "/clear":
+            self.clear()
+            return "conversation cleared"
+        if name == "/system":
+            self.system = arg or None
+            self.clear()
+            return f"system message {'set' if arg else 'removed'}; conversation cleared"
+        if name == "/reward":
+            if not arg:
+                return "usage: /reward PATH"
+            self.engine.reward = RewardModel(Path(arg).expanduser())
+            return f"reward model: {self.engine.reward.manifest.name}"
+        if name == "/set":
+            return self._set(arg)
+        return f"unknown command {name}; /help lists them"
+
+    def _set(self, arg: str) -> str:
+        key, _, value = arg.partition(" ")
+        value = value.strip()
+        if key == "verbose":
+            self.verbose = not self.verbose
+            return f"verbose {'on' if self.verbose else 'off'}"
+        fields: dict[str, tuple[str, Callable[[str], object]]] = {
+            "k": ("top_k", int), "w": ("weight", float), "mode": ("mode", str), "temp": ("temperature", float),
+        }
+        if key == "n":
+            n = int(value)
+            if n < 1:
+                raise ValueError("n must be at least 1")
+            self.max_tokens = n
+            return f"n = {n}"
+        if key not in fields:
+            return f"/set takes k, w, mode ({'/'.join(MODES)}), temp, n or verbose; not {key!r}"
+        name, cast = fields[key]
+        self.config = replace(self.config, **{name: cast(value)})  # SearchConfig validates
+        return f"{key} = {getattr(self.config, name)}"
+
+
+def read_message(prompt: Callable[[str], str], interactive: bool = True) -> str:
+    """One user message; \"\"\" opens a block that ends at the next \"\"\" line.
+    Prompts are shown only on a terminal, so piped output holds replies alone."""
+    line = prompt(">>> " if interactive else "")
+    if line.strip() != '"""':
+        return line
+    lines = []
+    while True:
+        more = prompt("... " if interactive else "")
+        if more.strip() == '"""':
+            return "\n".join(lines)
+        lines.append(more)
+
+
+def history_file() -> Path:
+    base = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return base / "args-local" / "history"
+
+
+def setup_readline() -> None:
+    """Line editing and a history that survives sessions, where readline exists."""
+    try:
+        import readline
+    except ImportError:
+        return
+    path = history_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            readline.read_history_file(path)
+    except OSError:
+        return
+    readline.set_history_length(1000)
+    import atexit
+
+    atexit.register(_save_history, readline, path)
+
+
+def _save_history(readline, path: Path) -> None:
+    try:
+        readline.write_history_file(path)
+    except OSError:
+        pass
+
+
+def repl(session: ChatSession, out=sys.stdout, err=sys.stderr) -> None:
+    """The interactive loop: replies on stdout, notes and timings on stderr."""
+    from .errors import ArgsLocalError
+
+    setup_readline()
+    err.write("args-local chat: /help for commands, /bye or Ctrl-D to leave\n")
+    while True:
+        try:
+            text = read_message(input, sys.stdin.isatty())
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
+        except EOFError:
+            out.write("\n")
+            return
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            try:
+                shown = session.command(text)
+            except (ValueError, ArgsLocalError) as e:
+                shown = f"error: {e}"
+            if shown is None:
+                return
+            err.write(shown + "\n")
+            continue
+        result = Result()
+        try:
+            for piece in session.reply(text, result):
+                out.write(piece.text)
+                out.flush()
+        except KeyboardInterrupt:
+            err.write("\n[reply stopped]")
+        except ArgsLocalError as e:
+            err.write(f"\nerror: {e}")
+        out.write("\n")
+        out.flush()
+        if session.verbose:
+            mean = f"{result.mean_reward:.3f}" if result.mean_reward is not None else "n/a"
+            tps = result.tokens / result.elapsed_s if result.elapsed_s else 0.0
+            err.write(f"[{result.tokens} tokens, {tps:.1f} tokens/s, {result.reward_calls} reward calls, mean reward {mean}, "
+                      f"{session.engine.policy.evaluated} tokens evaluated in total]\n")

@@ -1,0 +1,90 @@
+"""`args-local chat` through a pseudo-terminal, and the cache reuse between turns."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pexpect
+import pytest
+
+from args_local.chat import ChatSession
+from args_local.generate import Engine, Result
+from args_local.search import SearchConfig
+
+
+def test_second_turn_evaluates_only_the_new_tokens(policy, reward):
+    session = ChatSession(Engine(policy, reward), SearchConfig(top_k=4, weight=2.0), max_tokens=16)
+    first = Result()
+    list(session.reply("Hello! My name is Ann.", first))
+    before = policy.evaluated
+    history = len(session.tokens)
+    second = Result()
+    list(session.reply("What is my name?", second))
+    evaluated_in_turn_two = policy.evaluated - before
+    new_prompt_tokens = second.prompt_tokens - history
+    # Only the new user turn (and at most the last reply token) plus the new reply are evaluated.
+    assert evaluated_in_turn_two <= new_prompt_tokens + 1 + second.tokens
+    assert second.prompt_tokens > history  # the history is in the prompt...
+    assert evaluated_in_turn_two < second.prompt_tokens  # ...but was not evaluated again
+
+
+def test_set_commands_change_the_next_reply_settings(policy, reward):
+    session = ChatSession(Engine(policy, reward), SearchConfig())
+    assert session.command("/set k 20") == "k = 20"
+    assert session.command("/set w 2.5") == "w = 2.5"
+    assert session.command("/set mode sample") == "mode = sample"
+    assert session.command("/set temp 0.8") == "temp = 0.8"
+    assert session.config == SearchConfig(top_k=20, weight=2.5, mode="sample", temperature=0.8)
+    with pytest.raises(ValueError):
+        session.command("/set k 0")
+    assert session.command("/bye") is None
+
+
+@pytest.fixture
+def chat_process(tmp_path):
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "args_local", "chat", "-n", "24"], env=env, encoding="utf-8", timeout=120)
+    child.expect_exact(">>> ")
+    yield child
+    child.close(force=True)
+
+
+def test_chat_in_a_terminal(chat_process, tmp_path):
+    child = chat_process
+    child.sendline("Hi, my name is Ann.")
+    child.expect_exact(">>> ")
+    first_reply = child.before
+    assert len(first_reply.strip()) > len("Hi, my name is Ann.")
+
+    child.sendline("/set verbose")
+    child.expect_exact("verbose on")
+    child.sendline("/set k 1")
+    child.expect_exact("k = 1")
+    child.sendline("What is my name?")
+    child.expect(r"\[\d+ tokens, [\d.]+ tokens/s, 0 reward calls")  # k = 1: the reward model is not asked
+    child.expect_exact(">>> ")
+
+    child.sendline("/set n 400")
+    child.expect_exact("n = 400")
+    child.sendline("/set k 10")
+    child.sendline("Write a very long story about a dragon and a castle.")
+    child.expect(r"\w+ \w+ \w+")  # the reply has started streaming
+    child.sendintr()  # Ctrl-C
+    child.expect_exact("[reply stopped]")
+    child.expect_exact(">>> ")
+    child.sendline("Thanks!")  # the session is still alive
+    child.expect_exact(">>> ")
+
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "What is my name?" in (tmp_path / "args-local" / "history").read_text()
+
+
+def test_ctrl_d_leaves(chat_process):
+    chat_process.sendeof()
+    chat_process.expect(pexpect.EOF)
+    chat_process.close()
+    assert chat_process.exitstatus == 0
