@@ -94,8 +94,9 @@ class LlamaPolicy:
                 verbose=False,
             )
         except (ValueError, RuntimeError) as e:
-            detail = "".join(_LOG_TAIL).strip().splitlines()
-            why = detail[-1] if detail else str(e)
+            lines = "".join(_LOG_TAIL).strip().splitlines()
+            errors = [line.split("error loading model:", 1)[-1].strip() for line in lines if "error" in line.lower()]
+            why = errors[0] if errors else (lines[-1] if lines else str(e))
             raise ModelError(
                 f"llama.cpp could not load {path}: {why} "
                 "(the file may be truncated, or need a newer llama-cpp-python)"

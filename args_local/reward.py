@@ -17,6 +17,7 @@ which output is the reward (see README). Three scorers implement the search's
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ class Manifest:
     kv_cache: bool = False
     bos_token_id: int | None = None
     pad_token_id: int = 0
+    tokenizer_sha256: str | None = None
     output: str | None = None
     index: int = 0
     activation: Literal["none", "sigmoid", "softmax"] = "none"
@@ -203,6 +205,12 @@ class RewardModel:
         file = folder / "tokenizer.json"
         if not file.exists():
             raise ModelError(f"reward model {folder} takes token ids but has no tokenizer.json")
+        expected = self.manifest.tokenizer_sha256
+        if expected and hashlib.sha256(file.read_bytes()).hexdigest() != expected:
+            raise ModelError(
+                f"{file} is not the tokenizer this reward model was exported with (its SHA-256 differs "
+                f"from the manifest's); restore the original tokenizer.json or re-export the model"
+            )
         try:
             tok = Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
