@@ -60,6 +60,7 @@ class SearchConfig:
     weight: float = 1.5
     mode: Mode = "greedy"
     temperature: float = 0.7
+    top_p: float = 1.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ class SearchConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "sample" and not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(frozen=True)
@@ -111,16 +114,24 @@ def contenders(top_logits: np.ndarray, weight: float, bounds: tuple[float, float
     return (top_logits[0] - top_logits) <= reach
 
 
-def choose(scores: np.ndarray, mode: Mode, temperature: float, rng: np.random.Generator) -> int:
-    """Index of the chosen candidate: argmax, or a draw from softmax(scores / T).
+def choose(scores: np.ndarray, mode: Mode, temperature: float, rng: np.random.Generator, top_p: float = 1.0) -> int:
+    """Index of the chosen candidate: argmax, or a draw from softmax(scores / T) restricted to
+    the smallest set of candidates whose probability reaches ``top_p`` (nucleus sampling).
 
     Candidates with a score of -inf (dropped) are never chosen.
     """
     if mode == "greedy":
         return int(np.argmax(scores))
     z = scores / temperature
-    z = np.exp(z - z.max())
-    return int(rng.choice(scores.shape[0], p=z / z.sum()))
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        nucleus = np.zeros_like(p)
+        nucleus[keep] = p[keep]
+        p = nucleus / nucleus.sum()
+    return int(rng.choice(scores.shape[0], p=p))
 
 
 def args_search(
@@ -153,7 +164,7 @@ def args_search(
                     raise RewardError("the reward model returned NaN or infinity for every candidate")
                 live &= usable
         scores = np.where(live, logits + config.weight * np.nan_to_num(rewards, nan=0.0), -np.inf)
-        i = choose(scores, config.mode, config.temperature, rng)
+        i = choose(scores, config.mode, config.temperature, rng, config.top_p)
         token = int(ids[i])
         if not ignore_eos and policy.is_eog(token):
             return

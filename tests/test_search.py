@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from args_local.errors import RewardError
-from args_local.search import SearchConfig, args_search, contenders, top_k
+from args_local.search import SearchConfig, args_search, choose, contenders, top_k
 from fakes import FnScorer, TablePolicy
 
 
@@ -91,7 +91,14 @@ def test_non_finite_rewards_drop_the_candidate():
         next(args_search(TablePolicy(seed=4), FnScorer(lambda r, t: math.inf), SearchConfig(top_k=3, weight=1.0), 1))
 
 
-@pytest.mark.parametrize("bad", [dict(top_k=0), dict(weight=math.nan), dict(weight=math.inf), dict(mode="beam"), dict(mode="sample", temperature=-1.0)])
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    scores = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    draws = {choose(scores, "sample", 1.0, rng, top_p=0.75) for _ in range(300)}
+    assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(weight=math.nan), dict(weight=math.inf), dict(mode="beam"), dict(mode="sample", temperature=-1.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         SearchConfig(**bad)
