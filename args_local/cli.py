@@ -38,9 +38,7 @@ class Group(click.Group):
         except BrokenPipeError:  # `args-local generate ... | head`: the reader left
             sys.stderr.close()
             ctx.exit(1)
-        except click.exceptions.Exit:
-            raise
-        except click.ClickException:
+        except (click.exceptions.Exit, click.ClickException):
             raise
         except Exception as e:  # a bug of ours: still one sentence, the traceback only with -v
             if ctx.params.get("verbose") or any(a in ("-v", "--verbose") for a in sys.argv):
@@ -239,7 +237,8 @@ def run_batch(opts: dict[str, Any]) -> None:
                 failed += 1
                 record = {"index": row.index, "prompt": row.prompt, "error": str(e)}
             writer.write(record)
-            click.echo(f"args-local: [{n}/{len(todo)}] row {row.index}" + (" failed" if "error" in record else f" {record['tokens']} tokens, {record['elapsed_s']:.1f} s"), err=True)
+            done_what = "failed" if "error" in record else f"{record['tokens']} tokens, {record['elapsed_s']:.1f} s"
+            click.echo(f"args-local: [{n}/{len(todo)}] row {row.index}: {done_what}, RSS {batch.rss_mb():.0f} MB", err=True)
     if failed:
         raise ArgsLocalError(f"{failed} of {len(todo)} rows failed; their errors are in the output")
 

@@ -7,9 +7,10 @@ which output is the reward (see README). Three scorers implement the search's
 
 * :class:`TextScorer` re-reads ``prompt + response + candidate`` as text for every
   candidate: works for any model (encoders, string classifiers, decoders).
-* :class:`CachedScorer` is for causal models exported with a KV cache that share
-  the policy's tokenizer: the response is prefilled once and the k candidates are
-  scored as one batch of single tokens against the cached prefix.
+* :class:`CachedScorer` is for causal models exported with a KV cache: the response
+  is prefilled once and the k candidates are scored as one batch against the cached
+  prefix (single tokens when the model shares the policy's tokenizer; otherwise the
+  re-tokenized tail after the longest prefix the cache still matches).
 * :class:`CausalFullScorer` feeds the same causal model the whole token sequence
   for every candidate: the plain path the cached one must agree with.
 """
@@ -28,10 +29,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .errors import ModelError, RewardError
+
+try:
+    import onnxruntime as ort
+except ImportError:  # the package is an extra: cpu (onnxruntime) or cuda (onnxruntime-gpu)
+    raise ModelError(
+        "onnxruntime is not installed: pip install 'args-local[cpu]', or 'args-local[cuda]' for onnxruntime-gpu"
+    ) from None
 
 log = logging.getLogger("args_local")
 
@@ -387,15 +394,15 @@ class RewardModel:
         policy_vocab: Callable[[], list[str]] | None = None,
         use_cache: bool = True,
     ) -> "TextScorer | CachedScorer | CausalFullScorer":
-        """The fastest exact scorer for this model and policy.
-
-        Token ids go straight from the policy to the reward model only when both
-        share a vocabulary; otherwise the response is re-read as text.
-        """
-        if self.manifest.kv_cache and policy_vocab is not None and self.shares_vocab(policy_vocab()):
-            return CachedScorer(self) if use_cache else CausalFullScorer(self)
+        """The fastest exact scorer for this model and policy: a KV-cached one for causal
+        models exported with their cache (token ids straight from the policy when both share
+        a vocabulary, else bridged through text), a text re-scorer for everything else."""
         if self.manifest.kv_cache:
-            log.info("reward model %s does not share the policy's tokenizer: re-scoring text", self.path)
+            shared = policy_vocab is not None and self.shares_vocab(policy_vocab())
+            if not shared:
+                log.info("reward model %s does not share the policy's tokenizer: bridging through text", self.path)
+            sequences = Sequences(self, token_bytes, bridge=not shared)
+            return CachedScorer(self, sequences) if use_cache else CausalFullScorer(self, sequences)
         return TextScorer(self, prompt, token_bytes)
 
     def shares_vocab(self, policy_texts: list[str]) -> bool:
@@ -433,65 +440,125 @@ class TextScorer:
         self.response += self.token_bytes(token)
 
 
-class CausalFullScorer:
-    """Feeds ``[bos] + response + candidate`` whole for every candidate (no cache)."""
+class Sequences:
+    """The reward model's token ids for the response extended by one candidate.
 
-    def __init__(self, model: RewardModel) -> None:
+    When the reward model shares the policy's vocabulary the policy's ids are used as
+    they are. Otherwise (``bridge``) the response text is tokenized with the reward
+    model's own tokenizer; only the tail after the part the cache already holds is
+    fed to the model, so the result equals full re-scoring of the same text.
+    """
+
+    def __init__(self, model: RewardModel, token_bytes: Callable[[int], bytes] | None = None, bridge: bool = False) -> None:
         self.model = model
-        self.bounds = model.bounds
-        self.tokens: list[int] = list(model._bos())
+        self.token_bytes = token_bytes
+        self.bridge = bridge
+        self.ids: list[int] = list(model._bos())
+        self.text = bytearray()
 
-    def score(self, tokens: Sequence[int]) -> np.ndarray:
-        return self.model.score_ids([self.tokens + [t] for t in tokens])
+    def of(self, token: int) -> list[int]:
+        if not self.bridge:
+            return self.ids + [token]
+        assert self.token_bytes is not None and self.model.tokenizer is not None
+        # A candidate may end inside a UTF-8 character: the complete characters are scored.
+        text = (bytes(self.text) + self.token_bytes(token)).decode("utf-8", errors="ignore")
+        return self.model._bos() + self.model.tokenizer.encode(text, add_special_tokens=False).ids
 
     def advance(self, token: int) -> None:
-        self.tokens.append(token)
+        if self.bridge:
+            assert self.token_bytes is not None
+            self.text += self.token_bytes(token)
+        else:
+            self.ids.append(token)
+
+
+class CausalFullScorer:
+    """Feeds every candidate's whole sequence, no cache: the plain path."""
+
+    def __init__(self, model: RewardModel, sequences: Sequences | None = None) -> None:
+        self.model = model
+        self.bounds = model.bounds
+        self.sequences = sequences or Sequences(model)
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.model.score_ids([self.sequences.of(t) for t in tokens])
+
+    def advance(self, token: int) -> None:
+        self.sequences.advance(token)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class CachedScorer:
-    """Scores k candidates as one batch of single tokens against the cached response.
+    """Scores k candidates against the reward model's KV cache of the response so far.
 
-    The chosen candidate's key/value rows become the new cache, so accepting a
-    scored token costs nothing; tokens accepted without scoring (skipped steps)
-    wait in ``pending`` and are fed in one run before the next scoring.
+    Each step: the part all candidates share and the cache lacks (tokens accepted on
+    steps that were skipped, or a re-tokenized tail) is fed once as a batch of one; then
+    the k distinct tails (a single token each when the vocabularies are shared) go in one
+    batch against the shared cache. The chosen candidate's key/value rows become the new
+    cache, so accepting a scored token costs nothing.
     """
 
-    def __init__(self, model: RewardModel) -> None:
+    def __init__(self, model: RewardModel, sequences: Sequences | None = None) -> None:
         self.model = model
         self.bounds = model.bounds
+        self.sequences = sequences or Sequences(model)
+        self.cached: list[int] = []
         self.past = model._empty_past(1)
-        self.length = 0
-        self.pending: list[int] = list(model._bos())
-        self._last: tuple[list[int], list[np.ndarray]] | None = None
+        self._last: dict[int, tuple[list[int], dict[str, np.ndarray]]] = {}
 
-    def _forward(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _truncate(self, n: int) -> None:
+        if n < len(self.cached):
+            self.cached = self.cached[:n]
+            self.past = {name: p[:, :, :n] for name, p in self.past.items()}
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> tuple[Any, list[np.ndarray]]:
         m = self.model
-        feeds = m._token_feeds(ids, np.ones_like(ids), np.zeros_like(ids), past=self.length)
+        feeds = m._token_feeds(ids, mask, np.zeros_like(ids), past=len(self.cached))
         feeds.update(past)
-        raw, *presents = m._run(feeds, ids.shape[0] if ids.shape[1] == 1 else 0, m.present_names)
-        return m._reward(raw, None), presents
+        raw, *presents = m._run(feeds, ids.shape[0] if ids.shape[0] > 1 else 0, m.present_names)
+        return raw, presents
 
-    def _catch_up(self) -> None:
-        ids = np.array([self.pending], dtype=np.int64)
-        _, presents = self._forward(ids, self.past)
+    def _extend(self, tokens: list[int]) -> None:
+        """Feed tokens every candidate shares, as a batch of one."""
+        ids = np.array([tokens], dtype=np.int64)
+        _, presents = self._forward(ids, np.ones_like(ids), self.past)
         self.past = dict(zip(self.model.past_names, presents))
-        self.length += len(self.pending)
-        self.pending = []
+        self.cached = self.cached + tokens
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
-        if self.pending:
-            self._catch_up()
-        k = len(tokens)
+        seqs = [self.sequences.of(t) for t in tokens]
+        shared = min(len(s) for s in seqs) - 1  # every row keeps at least one token to score
+        for s in seqs[1:]:
+            shared = min(shared, _common_prefix(seqs[0], s))
+        self._truncate(_common_prefix(self.cached, seqs[0][:shared]))
+        if shared > len(self.cached):
+            self._extend(seqs[0][len(self.cached) : shared])
+        tails = [s[shared:] for s in seqs]
+        width = max(len(t) for t in tails)
+        ids = np.full((len(tails), width), self.model.manifest.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, t in enumerate(tails):
+            ids[i, : len(t)] = t
+            mask[i, : len(t)] = 1
+        k = len(tails)
         past = {n: np.repeat(v, k, axis=0) for n, v in self.past.items()}
-        rewards, presents = self._forward(np.array(tokens, dtype=np.int64)[:, None], past)
-        self._last = (list(tokens), presents)
-        return rewards
+        raw, presents = self._forward(ids, mask, past)
+        self._last = {
+            token: (seq, {n: p[i : i + 1, :, : len(seq)] for n, p in zip(self.model.past_names, presents)})
+            for i, (token, seq) in enumerate(zip(tokens, seqs))
+        }
+        return self.model._reward(raw, mask.sum(axis=1) - 1)
 
     def advance(self, token: int) -> None:
-        if self._last is not None and token in self._last[0] and not self.pending:
-            row = self._last[0].index(token)
-            self.past = {n: p[row : row + 1] for n, p in zip(self.model.past_names, self._last[1])}
-            self.length += 1
-        else:
-            self.pending.append(token)
-        self._last = None
+        self.sequences.advance(token)
+        if token in self._last:
+            self.cached, self.past = self._last[token]
+        self._last = {}

@@ -77,17 +77,22 @@ def test_kv_cached_scoring_picks_the_same_tokens_as_full_rescoring(policy, rewar
     assert both and np.allclose([a for a, _ in both], [b for _, b in both], atol=2e-3)
 
 
-def test_cached_scorer_matches_full_scores_step_by_step(policy, reward):
-    from args_local.reward import CachedScorer, CausalFullScorer
+@pytest.mark.parametrize("bridge", [False, True])
+def test_cached_scorer_matches_full_scores_step_by_step(policy, reward, bridge):
+    """Shared vocabulary (ids straight from the policy) and bridged through text (the
+    reward tokenizer re-reads the response): the cache must not change a reward."""
+    from args_local.reward import CachedScorer, CausalFullScorer, Sequences
 
-    response = policy.tokenize(" I really enjoyed the sunny walk, thanks for asking!", special=False)
-    cached, full = CachedScorer(reward), CausalFullScorer(reward)
+    response = policy.tokenize(" I really enjoyed the sunny walk, thanks for asking! 👋 Ok.", special=False)
+    cached = CachedScorer(reward, Sequences(reward, policy.token_bytes, bridge))
+    full = CausalFullScorer(reward, Sequences(reward, policy.token_bytes, bridge))
     candidates = [10, 500, 3000, 12000, 40000]
     for i, token in enumerate(response):
-        if i % 3 == 0:  # every third step unscored: the pending catch-up path
+        if i % 3 != 2:  # every third step unscored: the catch-up path
             assert np.allclose(cached.score(candidates + [token]), full.score(candidates + [token]), atol=2e-3)
         cached.advance(token)
         full.advance(token)
+    assert reward.stats.calls > 0
 
 
 def test_reward_model_scores_sentiment_sensibly(reward):

