@@ -290,6 +290,32 @@ def chat(**opts: Any) -> None:
     repl(session)
 
 
+@main.command("eval")
+@click.argument("prompts_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@model_options
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="JSONL rows; re-running with it resumes [default: PROMPTS.eval.jsonl here]")
+@click.option("--methods", default="greedy,top-k,nucleus,best-of-n,args-greedy,args-sample", show_default=True, help="comma-separated methods to run")
+@click.option("--weights", help="ARGS weights to sweep, e.g. 0,0.5,1,1.5,2 [default: the reward model's, else 1.5]")
+@click.option("--top-ks", default="10", show_default=True, help="ARGS candidates per token to sweep, e.g. 5,10,20")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="most tokens per response")
+@click.option("--temp", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True, help="temperature of ARGS-stochastic")
+@click.option("--sample-temp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="temperature of top-k, nucleus and best-of-N sampling")
+@click.option("--sample-top-k", type=click.IntRange(min=1), default=40, show_default=True, help="k of top-k sampling and best-of-N")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True, help="p of nucleus sampling")
+@click.option("--best-of", type=click.IntRange(min=1), default=4, show_default=True, help="N of best-of-N")
+@click.option("--seed", type=int, default=0, show_default=True, help="base seed of every sampled row")
+@click.option("-s", "--system", help="system message for the chat template")
+@click.option("--raw", is_flag=True, help="send prompts as they are, without the chat template")
+@click.option("--ignore-eos", is_flag=True, help="always generate -n tokens")
+@click.option("--limit", type=click.IntRange(min=1), help="only the first N prompts")
+@click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+def eval_cmd(prompts_file: Path, **opts: Any) -> None:
+    """Compare ARGS with greedy, top-k, nucleus and best-of-N on PROMPTS_FILE, scored by held-out judges."""
+    from . import evaluate
+
+    click.echo(evaluate.command(prompts_file, opts, load_engine, lambda msg: click.echo(f"args-local: {msg}", err=True)))
+
+
 @main.command("export")
 @click.argument("source")
 @click.argument("out_dir", type=click.Path(path_type=Path))

@@ -26,7 +26,7 @@ import math
 import re
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -47,6 +47,12 @@ TOXICITY_CLEAN_LABEL = 2  # hatesonar's classes: 0 hate speech, 1 offensive, 2 n
 
 
 # -- what to run ------------------------------------------------------------------
+
+
+class OptionError(ArgsLocalError):
+    """A bad eval option value (a usage error: exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -92,22 +98,27 @@ class Method:
     label: str
     settings: dict[str, Any]
 
-    def config(self, n_vocab: int, seed: int) -> SearchConfig:
+    def seed(self, index: int, sample: int) -> int | None:
+        """Each prompt and each of best-of-N's samples draws its own repeatable stream."""
+        base = self.settings["seed"]
+        return None if base is None else base + index + 100_003 * sample
+
+    def config(self, n_vocab: int, index: int, sample: int = 0) -> SearchConfig:
         s = self.settings
         k = s["top_k"] if s["top_k"] is not None else n_vocab
         return SearchConfig(top_k=min(k, n_vocab), weight=s["weight"], mode=s["mode"],
-                            temperature=s["temperature"], top_p=s["top_p"], seed=seed)
+                            temperature=s["temperature"], top_p=s["top_p"], seed=self.seed(index, sample))
 
 
 def methods_of(plan: Plan) -> list[Method]:
     """The plan's methods in a fixed order: baselines first, then ARGS over w, then k."""
-    common = {"max_tokens": plan.max_tokens, "system": plan.system, "raw": plan.raw,
-              "ignore_eos": plan.ignore_eos, "seed": plan.seed}
+    common = {"max_tokens": plan.max_tokens, "system": plan.system, "raw": plan.raw, "ignore_eos": plan.ignore_eos}
 
     def make(name: str, label: str, top_k: int | None, weight: float, mode: str, temperature: float,
              top_p: float = 1.0, samples: int = 1) -> Method:
+        # Greedy settings carry no seed, so that a new --seed does not re-run them.
         settings = {"top_k": top_k, "weight": weight, "mode": mode, "temperature": temperature,
-                    "top_p": top_p, "samples": samples, **common}
+                    "top_p": top_p, "samples": samples, "seed": plan.seed if mode == "sample" else None, **common}
         return Method(name, label, settings)
 
     t, out = plan.sample_temperature, []
@@ -228,23 +239,36 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 class NonToxicJudge:
     """hatesonar's ONNX classifier (raw strings in): P(neither hate speech nor offensive).
 
-    Its lowercasing node (StringNormalizer) asks for a default locale that many machines
-    lack; the graph is patched in memory to name C.UTF-8, the file is left as it is.
+    Its lowercasing node (StringNormalizer) uses a default locale that many machines lack
+    (onnxruntime then fails); the graph is patched in memory to name one that exists, and the
+    installed file is left as it is.
     """
 
     name = "nontoxic_judge"
+    LOCALES = ("C.UTF-8", "en_US.UTF-8", None)  # None: the model as shipped
 
     def __init__(self, threads: int | None = None) -> None:
         try:
             import onnx
         except ImportError:
             raise ModelError(f"eval needs the package onnx to load the toxicity judge: {EXTRA_HINT}") from None
-        model = onnx.load(str(_locate(TOXICITY_PACKAGE, TOXICITY_FILE)))
-        for node in model.graph.node:
-            if node.op_type == "StringNormalizer" and not any(a.name == "locale" for a in node.attribute):
-                node.attribute.append(onnx.helper.make_attribute("locale", "C.UTF-8"))
-        self.session = _session(model.SerializeToString(), threads)
-        self.input = self.session.get_inputs()[0].name
+        source = _locate(TOXICITY_PACKAGE, TOXICITY_FILE)
+        errors = []
+        for locale in self.LOCALES:
+            model = onnx.load(str(source))
+            for node in model.graph.node:
+                if locale and node.op_type == "StringNormalizer":
+                    kept = [a for a in node.attribute if a.name != "locale"]
+                    del node.attribute[:]
+                    node.attribute.extend([*kept, onnx.helper.make_attribute("locale", locale)])
+            try:
+                self.session = _session(model.SerializeToString(), threads)
+                self.input = self.session.get_inputs()[0].name
+                self.score(["Hello there."])
+                return
+            except Exception as e:  # onnxruntime's own error types: a locale this machine lacks
+                errors.append(f"{locale or 'as shipped'}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        raise ModelError(f"the toxicity judge {source} does not run here ({'; '.join(errors)})")
 
     def score(self, texts: Sequence[str]) -> list[float]:
         _, probs = self.session.run(["output_label", "output_probability"], {self.input: np.array(list(texts), dtype=object)})
@@ -254,8 +278,10 @@ class NonToxicJudge:
 class SentimentJudge:
     """VADER's compound polarity mapped to [0, 1]: (compound + 1) / 2; 0.5 is neutral.
 
-    A lexicon with rules (not a trained network, not ONNX), rated by humans on
-    different data from the guide's training tweets.
+    VADER (Hutto and Gilbert, 2014) is a word lexicon whose valences were rated by people, with
+    rules for negation, intensifiers and punctuation: not a trained network, not ONNX, and it never
+    saw the tweets the guide was trained on. Its compound score saturates: a few positive words
+    put a long text near 1.
     """
 
     name = "sentiment_judge"
@@ -313,9 +339,6 @@ def read_done(path: Path) -> dict[str, dict[str, Any]]:
         return {}
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        with path.open("r+b") as f:
-            f.truncate(keep)
     done = {}
     for number, line in enumerate(data[:keep].splitlines(), 1):
         if not line.strip():
@@ -325,6 +348,9 @@ def read_done(path: Path) -> dict[str, dict[str, Any]]:
             done[key_of(row)] = row
         except (ValueError, KeyError, TypeError):
             raise ArgsLocalError(f"{path}:{number} is not an eval result; refusing to resume into it (choose another -o)") from None
+    if keep < len(data):  # only once the file is known to be ours
+        with path.open("r+b") as f:
+            f.truncate(keep)
     return done
 
 
@@ -336,8 +362,7 @@ def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens
     results: list[Result] = []
     start = time.perf_counter()
     for j in range(s["samples"]):
-        seed = s["seed"] + index + 100_003 * j
-        request = Request(prompt=prompt, tokens=tokens, config=method.config(engine.policy.n_vocab, seed),
+        request = Request(prompt=prompt, tokens=tokens, config=method.config(engine.policy.n_vocab, index, j),
                           max_tokens=s["max_tokens"], ignore_eos=s["ignore_eos"])
         result = Result()
         for _ in engine.stream(request, result):
@@ -346,18 +371,17 @@ def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens
     calls, candidates, rm_s = (sum(getattr(r, f) for r in results) for f in ("reward_calls", "reward_candidates", "reward_s"))
     if len(results) > 1:  # best-of-N: the guide ranks the N samples, inside the timed region
         before = (reward.stats.calls, reward.stats.candidates, reward.stats.seconds)
-        scores = reward.score_texts([prompt] * len(results), [r.text for r in results])
-        best = int(np.argmax(scores))
-        guide = float(scores[best])
+        best = int(np.argmax(reward.score_texts([prompt] * len(results), [r.text for r in results])))
         calls += reward.stats.calls - before[0]
         candidates += reward.stats.candidates - before[1]
         rm_s += reward.stats.seconds - before[2]
     else:
-        best, guide = 0, None
+        best = 0
     elapsed = time.perf_counter() - start
     chosen = results[best]
-    if guide is None:
-        guide = float(reward.score_texts([prompt], [chosen.text])[0])
+    # Scored alone, as every other row is: a dynamically quantized reward model gives a text
+    # a slightly different score in a padded batch than alone.
+    guide = float(reward.score_texts([prompt], [chosen.text])[0])
     n = chosen.tokens
     return {
         "index": index,
@@ -377,7 +401,7 @@ def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens
         "guide_reward": guide,
         **judges.score(prompt, chosen.text),
         "settings": s,
-        "seed_used": s["seed"] + index + 100_003 * best if s["mode"] == "sample" else None,
+        "seed_used": method.seed(index, best),
     }
 
 
@@ -422,6 +446,9 @@ def run_eval(
             for n, (i, prompt, m, key) in enumerate(todo, 1):
                 if i not in encoded:
                     encoded[i] = engine.encode(prompt, plan.system, plan.raw)
+                    # Prefill the prompt untimed: every method then pays the same one-token
+                    # re-evaluation, not just the first one to see the prompt.
+                    engine.policy.start(encoded[i])
                 row = generate_row(engine, judges, i, prompt, encoded[i], m)
                 row["model"], row["reward_model"] = model_path, reward_path
                 writer.write(row)
@@ -527,12 +554,14 @@ def write_plots(summaries: list[Summary], prefix: Path) -> list[Path] | None:
     for (method, k), group in _lines(args, "top_k").items():
         group.sort(key=lambda s: s.settings["weight"])
         ws = [s.settings["weight"] for s in group]
-        ax.plot(ws, [s.means["sentiment_judge"] for s in group], marker="o", label=f"{method} k={k}: sentiment judge")
-        ax.plot(ws, [s.means["guide_reward"] for s in group], marker="x", linestyle="--", label=f"{method} k={k}: guide reward")
+        (line,) = ax.plot(ws, [s.means["sentiment_judge"] for s in group], marker="o", label=f"{method} k={k}: sentiment judge")
+        ax.plot(ws, [s.means["guide_reward"] for s in group], marker="x", linestyle="--", color=line.get_color(),
+                label=f"{method} k={k}: guide reward")
     if base:
-        ax.axhline(base.means["sentiment_judge"], color="grey", linestyle=":", label="greedy: sentiment judge")
+        ax.axhline(base.means["sentiment_judge"], color="black", linestyle=":", label="greedy: sentiment judge")
+        ax.axhline(base.means["guide_reward"], color="grey", linestyle=":", label="greedy: guide reward")
     ax.set_xlabel("reward weight w")
-    ax.set_ylabel("mean score")
+    ax.set_ylabel("mean score (solid: held-out VADER judge; dashed: guide)")
     ax.set_title("Judge score against w")
     ax.legend(fontsize="x-small")
     fig.tight_layout()
@@ -567,7 +596,8 @@ def _lines(summaries: list[Summary], fixed: str) -> dict[tuple[str, Any], list[S
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
-    """Prompts of a file: one per line, or JSONL rows with a "prompt" (batch's format)."""
+    """Prompts of a file: one per line, or JSONL rows with a "prompt" (batch's format; a row's
+    own settings such as max_tokens are not used here: every method runs the plan's)."""
     rows = batch.read_rows(path)
     if not rows:
         raise ArgsLocalError(f"{path} holds no prompt")
@@ -575,5 +605,57 @@ def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
-def plan_with(plan: Plan, **changes: Any) -> Plan:
-    return replace(plan, **{k: v for k, v in changes.items() if v is not None})
+def default_weight(reward_path: Path) -> float:
+    """The weight the reward model's manifest suggests, else the reference's 1.5 (read without
+    loading the model, so that a finished eval re-run loads nothing)."""
+    from .reward import read_manifest, resolve_folder
+
+    onnx_file, folder = resolve_folder(reward_path)
+    suggested = read_manifest(folder, onnx_file).weight
+    return suggested if suggested is not None else 1.5
+
+
+def command(prompts_file: Path, opts: dict[str, Any], load_engine: Callable[[dict[str, Any]], Engine],
+            log: Callable[[str], None]) -> str:
+    """``args-local eval``: run what is missing, then the report (Markdown) for stdout.
+
+    ``opts`` are the CLI's options; a bad value raises :class:`OptionError`.
+    """
+    from .models import default_policy, default_reward
+
+    model_path = opts["model"] or default_policy()
+    reward_path = opts["reward_model"] or default_reward()
+    try:
+        weights = parse_list(opts["weights"], float, "--weights") if opts["weights"] else (default_weight(reward_path),)
+        plan = Plan(
+            methods=parse_list(opts["methods"], str, "--methods"),
+            weights=weights,
+            top_ks=parse_list(opts["top_ks"], int, "--top-ks"),
+            max_tokens=opts["max_tokens"], temperature=opts["temp"], sample_temperature=opts["sample_temp"],
+            sample_top_k=opts["sample_top_k"], top_p=opts["top_p"], best_of=opts["best_of"], seed=opts["seed"],
+            system=opts["system"], raw=opts["raw"], ignore_eos=opts["ignore_eos"],
+        )
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    prompts = read_prompts(prompts_file, opts["limit"])
+    out_path = opts["output"] or Path(prompts_file.stem + ".eval.jsonl")
+
+    def load() -> tuple[Engine, Judges]:
+        engine = load_engine(opts)
+        return engine, Judges.load(opts["threads"])
+
+    outcome = run_eval(prompts, plan, out_path, str(model_path), str(reward_path), load, log)
+    summaries = summarise(outcome.rows)
+    report = [
+        f"policy {Path(model_path).name}, guide {Path(reward_path).name}, {len(prompts)} prompts from "
+        f"{prompts_file.name}, up to {plan.max_tokens} tokens, rows in {out_path}",
+        "",
+        table(summaries),
+    ]
+    if not opts["no_plots"]:
+        plots = write_plots(summaries, out_path.with_suffix(""))
+        if plots is None:
+            log(f"no plots: matplotlib is not installed ({EXTRA_HINT})")
+        elif plots:
+            report += ["", "plots: " + ", ".join(str(p) for p in plots)]
+    return "\n".join(report)
