@@ -456,13 +456,20 @@ class Sequences:
         self.ids: list[int] = list(model._bos())
         self.text = bytearray()
 
-    def of(self, token: int) -> list[int]:
+    def split(self, tokens: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+        """(shared prefix, tails): candidate i's sequence is ``prefix + tails[i]``, and every
+        tail holds at least one token. With a shared vocabulary this costs nothing per step."""
         if not self.bridge:
-            return self.ids + [token]
+            return self.ids, [[t] for t in tokens]
         assert self.token_bytes is not None and self.model.tokenizer is not None
+        bos = self.model._bos()
         # A candidate may end inside a UTF-8 character: the complete characters are scored.
-        text = (bytes(self.text) + self.token_bytes(token)).decode("utf-8", errors="ignore")
-        return self.model._bos() + self.model.tokenizer.encode(text, add_special_tokens=False).ids
+        texts = [(bytes(self.text) + self.token_bytes(t)).decode("utf-8", errors="ignore") for t in tokens]
+        seqs = [bos + e.ids for e in self.model.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        shared = min(len(q) for q in seqs) - 1
+        for q in seqs[1:]:
+            shared = min(shared, _common_prefix(seqs[0], q))
+        return seqs[0][:shared], [q[shared:] for q in seqs]
 
     def advance(self, token: int) -> None:
         if self.bridge:
@@ -481,13 +488,16 @@ class CausalFullScorer:
         self.sequences = sequences or Sequences(model)
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
-        return self.model.score_ids([self.sequences.of(t) for t in tokens])
+        prefix, tails = self.sequences.split(tokens)
+        return self.model.score_ids([prefix + t for t in tails])
 
     def advance(self, token: int) -> None:
         self.sequences.advance(token)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    if len(a) <= len(b) and a == b[: len(a)]:  # the usual case, compared in C
+        return len(a)
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -512,7 +522,7 @@ class CachedScorer:
         self.sequences = sequences or Sequences(model)
         self.cached: list[int] = []
         self.past = model._empty_past(1)
-        self._last: dict[int, tuple[list[int], dict[str, np.ndarray]]] = {}
+        self._last: dict[int, tuple[list[int], dict[str, np.ndarray]]] = {}  # token -> (tail, cache)
 
     def _truncate(self, n: int) -> None:
         if n < len(self.cached):
@@ -531,17 +541,13 @@ class CachedScorer:
         ids = np.array([tokens], dtype=np.int64)
         _, presents = self._forward(ids, np.ones_like(ids), self.past)
         self.past = dict(zip(self.model.past_names, presents))
-        self.cached = self.cached + tokens
+        self.cached.extend(tokens)
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
-        seqs = [self.sequences.of(t) for t in tokens]
-        shared = min(len(s) for s in seqs) - 1  # every row keeps at least one token to score
-        for s in seqs[1:]:
-            shared = min(shared, _common_prefix(seqs[0], s))
-        self._truncate(_common_prefix(self.cached, seqs[0][:shared]))
-        if shared > len(self.cached):
-            self._extend(seqs[0][len(self.cached) : shared])
-        tails = [s[shared:] for s in seqs]
+        prefix, tails = self.sequences.split(tokens)
+        self._truncate(_common_prefix(self.cached, prefix))
+        if len(prefix) > len(self.cached):
+            self._extend(prefix[len(self.cached) :])
         width = max(len(t) for t in tails)
         ids = np.full((len(tails), width), self.model.manifest.pad_token_id, dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -551,14 +557,16 @@ class CachedScorer:
         k = len(tails)
         past = {n: np.repeat(v, k, axis=0) for n, v in self.past.items()}
         raw, presents = self._forward(ids, mask, past)
+        # The cache after choosing a candidate: its row, without the padding after its tail.
         self._last = {
-            token: (seq, {n: p[i : i + 1, :, : len(seq)] for n, p in zip(self.model.past_names, presents)})
-            for i, (token, seq) in enumerate(zip(tokens, seqs))
+            token: (tail, {n: p[i : i + 1, :, : len(prefix) + len(tail)] for n, p in zip(self.model.past_names, presents)})
+            for i, (token, tail) in enumerate(zip(tokens, tails))
         }
         return self.model._reward(raw, mask.sum(axis=1) - 1)
 
     def advance(self, token: int) -> None:
         self.sequences.advance(token)
         if token in self._last:
-            self.cached, self.past = self._last[token]
+            tail, self.past = self._last[token]
+            self.cached.extend(tail)
         self._last = {}
