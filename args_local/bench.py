@@ -22,8 +22,10 @@ LENGTHS = (32, 128, 512)
 
 @dataclass(frozen=True)
 class Variant:
+    """A way to decode; ``config`` None is llama.cpp's own greedy loop (Llama.generate)."""
+
     name: str
-    config: SearchConfig
+    config: SearchConfig | None
     use_cache: bool = True
 
 
@@ -36,8 +38,10 @@ class Timing:
 
 
 def variants(top_k: int, weight: float, full: bool) -> list[Variant]:
-    """Greedy first (the reference), then the ARGS variants."""
+    """llama.cpp's own greedy decoding first (the reference for the ratios), then greedy
+    through args-local's loop (its overhead), then the ARGS variants."""
     out = [
+        Variant("llama.cpp greedy", None),
         Variant("greedy", SearchConfig(top_k=1, weight=0.0)),
         Variant(f"args-greedy k={top_k}", SearchConfig(top_k=top_k, weight=weight)),
         Variant(f"args-sample k={top_k}", SearchConfig(top_k=top_k, weight=weight, mode="sample", seed=0)),
@@ -48,6 +52,8 @@ def variants(top_k: int, weight: float, full: bool) -> list[Variant]:
 
 
 def time_run(engine: Engine, tokens: list[int], prompt: str, variant: Variant, n: int) -> Timing:
+    if variant.config is None:
+        return time_llama_cpp(engine, tokens, n)
     request = Request(prompt=prompt, tokens=tokens, config=variant.config, max_tokens=n, ignore_eos=True, use_cache=variant.use_cache)
     timing = Timing(Result())
     last = time.perf_counter()
@@ -55,6 +61,21 @@ def time_run(engine: Engine, tokens: list[int], prompt: str, variant: Variant, n
         now = time.perf_counter()
         timing.step_s.append(now - last)
         last = now
+    return timing
+
+
+def time_llama_cpp(engine: Engine, tokens: list[int], n: int) -> Timing:
+    """n tokens of llama-cpp-python's own greedy sampler on the same context, EOS ignored."""
+    timing = Timing(Result(prompt_tokens=len(tokens)))
+    start = last = time.perf_counter()
+    for _ in engine.policy.llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
+        now = time.perf_counter()
+        timing.step_s.append(now - last)
+        last = now
+        if len(timing.step_s) == n:
+            break
+    timing.result.tokens = n
+    timing.result.elapsed_s = time.perf_counter() - start
     return timing
 
 
@@ -127,7 +148,7 @@ def cold_start(args: list[str]) -> tuple[float, float]:
 
 def table(rows: list[Row]) -> str:
     """The results as a Markdown table."""
-    head = "| variant | tokens/s | x greedy | reward calls/token | reward ms/token | " + " | ".join(f"ms/token @{L}" for L in LENGTHS) + " |"
+    head = "| variant | tokens/s | x llama.cpp greedy | reward calls/token | reward ms/token | " + " | ".join(f"ms/token @{L}" for L in LENGTHS) + " |"
     sep = "|" + "---|" * (5 + len(LENGTHS))
     lines = [head, sep]
     for r in rows:
