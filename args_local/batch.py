@@ -91,16 +91,5 @@ class ResultWriter:
             pass
 
 
-def rss_mb() -> float:
-    """Resident memory now (Linux), to show that a long batch stays flat; peak elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def pending(rows: list[Row], done: set[int]) -> Iterator[Row]:
     return (r for r in rows if r.index not in done)

@@ -212,6 +212,7 @@ def run_batch(opts: dict[str, Any]) -> None:
     """Every row of --batch, in order, each result written as soon as it is finished."""
     from . import batch
     from .generate import Result
+    from .memory import rss_mb
 
     rows = batch.read_rows(opts["batch"])
     out_path = opts["output"]
@@ -238,7 +239,7 @@ def run_batch(opts: dict[str, Any]) -> None:
                 record = {"index": row.index, "prompt": row.prompt, "error": str(e)}
             writer.write(record)
             done_what = "failed" if "error" in record else f"{record['tokens']} tokens, {record['elapsed_s']:.1f} s"
-            click.echo(f"args-local: [{n}/{len(todo)}] row {row.index}: {done_what}, RSS {batch.rss_mb():.0f} MB", err=True)
+            click.echo(f"args-local: [{n}/{len(todo)}] row {row.index}: {done_what}, RSS {rss_mb():.0f} MB", err=True)
     if failed:
         raise ArgsLocalError(f"{failed} of {len(todo)} rows failed; their errors are in the output")
 
@@ -261,6 +262,7 @@ def _stdout():
 def bench(**opts: Any) -> None:
     """Time greedy decoding and ARGS on the same policy, in alternation; print a Markdown table."""
     from . import bench as b
+    from .memory import peak_rss_mb
 
     engine = load_engine(opts)
     weight = weight_of(opts, engine)
@@ -271,7 +273,7 @@ def bench(**opts: Any) -> None:
     click.echo(f"policy {engine.policy.path.name}, reward {engine.reward.manifest.name}, w = {weight}, "
                f"{opts['max_tokens']} tokens, median of {opts['repeats']} runs\n")
     click.echo(b.table(rows))
-    click.echo(f"\npeak memory of this benchmark process: {b.peak_rss_mb():.0f} MB")
+    click.echo(f"\npeak memory of this benchmark process: {peak_rss_mb():.0f} MB")
     first, peak = b.cold_start([opts["prompt"], "-n", "16"])
     click.echo(f"default `args-local generate`: first token {first:.2f} s after launch, peak memory {peak:.0f} MB")
 
@@ -363,9 +365,13 @@ def _report(prompt: str, request, result, engine) -> dict[str, Any]:
 def _log_timings(result) -> None:
     tps = result.tokens / result.elapsed_s if result.elapsed_s else 0.0
     mean = f"{result.mean_reward:.3f}" if result.mean_reward is not None else "n/a"
+    from .memory import peak_rss_mb
+
     log.info(
-        "%d tokens in %.2f s (%.1f tokens/s), first token %.2f s; reward model: %d calls, %.2f s; mean reward %s",
+        "%d tokens in %.2f s (%.1f tokens/s), first token %.2f s; reward model: %d calls, %.2f s; mean reward %s; "
+        "peak memory %.0f MB",
         result.tokens, result.elapsed_s, tps, result.first_token_s or 0.0, result.reward_calls, result.reward_s, mean,
+        peak_rss_mb(),
     )
 
 
