@@ -27,6 +27,9 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         signal.signal(signal.SIGTERM, _terminate)
+        # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored:
+        # Ctrl-C must always stop a reply (chat keeps the session, batch keeps finished rows).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return super().invoke(ctx)
         except ArgsLocalError as e:
