@@ -560,15 +560,8 @@ def write_plots(summaries: list[Summary], prefix: Path) -> list[Path] | None:
     if base:
         ax.axhline(base.means["sentiment_judge"], color="black", linestyle=":", label="greedy: sentiment judge")
         ax.axhline(base.means["guide_reward"], color="grey", linestyle=":", label="greedy: guide reward")
-    ax.set_xlabel("reward weight w")
-    ax.set_ylabel("mean score (solid: held-out VADER judge; dashed: guide)")
-    ax.set_title("Judge score against w")
-    ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    path = prefix.with_name(prefix.name + ".judge-vs-w.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_finish(plt, fig, ax, "reward weight w", "mean score (solid: held-out VADER judge; dashed: guide)",
+                           "Judge score against w", prefix.with_name(prefix.name + ".judge-vs-w.png")))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for (method, w), group in _lines(args, "weight").items():
@@ -576,16 +569,21 @@ def write_plots(summaries: list[Summary], prefix: Path) -> list[Path] | None:
         ax.plot([s.settings["top_k"] for s in group], [s.tokens_per_s for s in group], marker="o", label=f"{method} w={w:g}")
     if base:
         ax.axhline(base.tokens_per_s, color="grey", linestyle=":", label="greedy")
-    ax.set_xlabel("candidates per token k")
-    ax.set_ylabel("response tokens / s")
-    ax.set_title("Throughput against k")
+    written.append(_finish(plt, fig, ax, "candidates per token k", "response tokens / s", "Throughput against k",
+                           prefix.with_name(prefix.name + ".speed-vs-k.png")))
+    return written
+
+
+def _finish(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Label, save and close one plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize="x-small")
     fig.tight_layout()
-    path = prefix.with_name(prefix.name + ".speed-vs-k.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
 
 
 def _lines(summaries: list[Summary], fixed: str) -> dict[tuple[str, Any], list[Summary]]:
