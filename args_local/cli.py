@@ -13,11 +13,14 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from .errors import ArgsLocalError, PromptError
+
+if TYPE_CHECKING:  # the CLI imports the runtimes lazily, so that --help and usage errors are instant
+    from .search import SearchConfig
 
 log = logging.getLogger("args_local")
 
