@@ -265,11 +265,9 @@ class RewardModel:
                 self.score_ids(rows)
             else:
                 self.score_texts(["Hello"], ["Hello there."])
-        except RewardError:
+        except (RewardError, ModelError):
             raise
-        except ModelError:
-            raise
-        except Exception as e:
+        except Exception as e:  # onnxruntime's own errors: a shape or an id that does not fit
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(
                 f"reward model {self.path} failed on a test input ({first}); its tokenizer.json or "
@@ -418,6 +416,12 @@ def _describe(inputs: dict[str, Any]) -> str:
     return ", ".join(f"{n} {i.type}" for n, i in inputs.items())
 
 
+def candidate_texts(response: bytes, token_bytes: Callable[[int], bytes], tokens: Sequence[int]) -> list[str]:
+    """The response extended by each candidate, as text. A candidate may end inside a UTF-8
+    character: the complete characters are scored."""
+    return [(response + token_bytes(t)).decode("utf-8", errors="ignore") for t in tokens]
+
+
 class TextScorer:
     """Re-reads the whole text of each candidate; identical texts are scored once."""
 
@@ -429,8 +433,7 @@ class TextScorer:
         self.response = bytearray()
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
-        # A candidate may end inside a UTF-8 character: score the complete characters.
-        texts = [(bytes(self.response) + self.token_bytes(t)).decode("utf-8", errors="ignore") for t in tokens]
+        texts = candidate_texts(bytes(self.response), self.token_bytes, tokens)
         unique = list(dict.fromkeys(texts))
         rewards = self.model.score_texts([self.prompt] * len(unique), unique)
         by_text = dict(zip(unique, rewards))
@@ -463,8 +466,7 @@ class Sequences:
             return self.ids, [[t] for t in tokens]
         assert self.token_bytes is not None and self.model.tokenizer is not None
         bos = self.model._bos()
-        # A candidate may end inside a UTF-8 character: the complete characters are scored.
-        texts = [(bytes(self.text) + self.token_bytes(t)).decode("utf-8", errors="ignore") for t in tokens]
+        texts = candidate_texts(bytes(self.text), self.token_bytes, tokens)
         seqs = [bos + e.ids for e in self.model.tokenizer.encode_batch(texts, add_special_tokens=False)]
         shared = min(len(q) for q in seqs) - 1
         for q in seqs[1:]:
