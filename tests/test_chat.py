@@ -68,8 +68,11 @@ def test_chat_in_a_terminal(chat_process, tmp_path):
     child.sendline("/set n 400")
     child.expect_exact("n = 400")
     child.sendline("/set k 10")
+    child.expect_exact("k = 10")
+    child.expect_exact(">>> ")
     child.sendline("Write a very long story about a dragon and a castle.")
-    child.expect(r"\w+ \w+ \w+")  # the reply has started streaming
+    child.expect_exact("castle.")  # the terminal's echo of the line
+    child.expect(r"\w+ \w+ \w+ \w+")  # the reply has started streaming
     child.sendintr()  # Ctrl-C
     child.expect_exact("[reply stopped]")
     child.expect_exact(">>> ")
