@@ -197,6 +197,7 @@ class RewardModel:
         self.past_names = sorted(n for n in self.inputs if n.startswith("past_key_values."))
         self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
         self.stats = RewardStats()
+        self._vocab_check: tuple[list[str], bool] | None = None
         self._check_io()
         self._smoke_test()
 
@@ -404,12 +405,16 @@ class RewardModel:
         return TextScorer(self, prompt, token_bytes)
 
     def shares_vocab(self, policy_texts: list[str]) -> bool:
-        if self.tokenizer is None:
-            return False
-        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
-        if len(vocab) != len(policy_texts):
-            return False
-        return all(vocab.get(text) == i for i, text in enumerate(policy_texts))
+        """Whether token i means the same string to the policy and to this model, for every i.
+        Remembered for the last vocabulary asked about: it costs ~40 ms, once per request otherwise."""
+        if self._vocab_check is not None and self._vocab_check[0] is policy_texts:
+            return self._vocab_check[1]
+        shared = False
+        if self.tokenizer is not None:
+            vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+            shared = len(vocab) == len(policy_texts) and all(vocab.get(text) == i for i, text in enumerate(policy_texts))
+        self._vocab_check = (policy_texts, shared)
+        return shared
 
 
 def _describe(inputs: dict[str, Any]) -> str:
