@@ -108,6 +108,7 @@ class LlamaPolicy:
         self.evaluated = 0  # tokens run through the model since load: shows cache reuse
         self._logits: np.ndarray | None = None
         self._piece_buf = ctypes.create_string_buffer(64)
+        self._formatter: Jinja2ChatFormatter | None = None
 
     # -- prompts ----------------------------------------------------------------
 
@@ -117,14 +118,16 @@ class LlamaPolicy:
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The conversation in the model's own chat template, ready for the assistant's turn."""
-        template = self.chat_template
-        if not template:
-            raise PromptError(
-                f"{self.path.name} has no chat template; pass --raw to send the prompt as it is"
-            )
-        eos = self.token_text(self.llm.token_eos())
-        bos = self.token_text(self.llm.token_bos())
-        return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=list(messages)).prompt
+        if self._formatter is None:
+            template = self.chat_template
+            if not template:
+                raise PromptError(
+                    f"{self.path.name} has no chat template; pass --raw to send the prompt as it is"
+                )
+            eos = self.token_text(self.llm.token_eos())
+            bos = self.token_text(self.llm.token_bos())
+            self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)  # compiled once
+        return self._formatter(messages=list(messages)).prompt
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         """Token ids of ``text``; the BOS token is added only where the model asks for it
