@@ -13,14 +13,13 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import click
 
 from .errors import ArgsLocalError, PromptError
 
-if TYPE_CHECKING:  # the CLI imports the runtimes lazily, so that --help and usage errors are instant
-    from .search import SearchConfig
+from .search import SearchConfig  # pure numpy: the runtimes themselves are imported lazily
 
 log = logging.getLogger("args_local")
 
@@ -130,13 +129,10 @@ def weight_of(opts: dict[str, Any], engine) -> float:
     """-w, else the weight the reward model's manifest suggests, else the reference's 1.5."""
     if opts["weight"] is not None:
         return opts["weight"]
-    suggested = engine.reward.manifest.weight if engine.reward else None
-    return suggested if suggested is not None else 1.5
+    return engine.reward.manifest.suggested_weight if engine.reward else SearchConfig.weight
 
 
 def search_config(opts: dict[str, Any], engine) -> "SearchConfig":
-    from .search import SearchConfig
-
     if opts["top_k"] > engine.policy.n_vocab:
         raise click.BadParameter(f"{opts['top_k']} is more than the vocabulary ({engine.policy.n_vocab})", param_hint="-k/--top-k")
     return SearchConfig(top_k=opts["top_k"], weight=weight_of(opts, engine), mode=opts["mode"], temperature=opts["temp"], seed=opts["seed"])

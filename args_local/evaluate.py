@@ -609,8 +609,7 @@ def default_weight(reward_path: Path) -> float:
     from .reward import read_manifest, resolve_folder
 
     onnx_file, folder = resolve_folder(reward_path)
-    suggested = read_manifest(folder, onnx_file).weight
-    return suggested if suggested is not None else 1.5
+    return read_manifest(folder, onnx_file).suggested_weight
 
 
 def command(prompts_file: Path, opts: dict[str, Any], load_engine: Callable[[dict[str, Any]], Engine],

@@ -32,6 +32,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import ModelError, RewardError
+from .search import SearchConfig
 
 try:
     import onnxruntime as ort
@@ -84,6 +85,11 @@ class Manifest:
         elif m.activation in ("sigmoid", "softmax"):
             object.__setattr__(m, "range", (0.0, 1.0))
         return m
+
+    @property
+    def suggested_weight(self) -> float:
+        """The -w to use when none is given: this model's own suggestion, else the reference's."""
+        return self.weight if self.weight is not None else SearchConfig.weight
 
     def check(self, where: Path) -> None:
         def bad(what: str) -> ModelError:
