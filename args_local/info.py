@@ -242,7 +242,8 @@ def describe_reward(path: Path) -> list[tuple[str, str]]:
     lines.append(("input", f"{manifest.input}, format {manifest.format}"))
     if manifest.template:
         lines.append(("template", json.dumps(manifest.template, ensure_ascii=False)))
-    lines.append(("kv cache", "yes (scored incrementally)" if manifest.kv_cache else "no"))
+    caches = {True: "yes, a past per row (scored incrementally)", "shared": "yes, one past shared by all candidates (scored incrementally)"}
+    lines.append(("kv cache", caches.get(manifest.kv_cache, "no")))
     if manifest.bos_token_id is not None:
         lines.append(("bos token id", str(manifest.bos_token_id)))
     if manifest.input == "token_ids":

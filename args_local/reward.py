@@ -8,9 +8,14 @@ which output is the reward (see README). Three scorers implement the search's
 * :class:`TextScorer` re-reads ``prompt + response + candidate`` as text for every
   candidate: works for any model (encoders, string classifiers, decoders).
 * :class:`CachedScorer` is for causal models exported with a KV cache: the response
-  is prefilled once and the k candidates are scored as one batch against the cached
+  is prefilled once and the k candidates are scored in one call against the cached
   prefix (single tokens when the model shares the policy's tokenizer; otherwise the
-  re-tokenized tail after the longest prefix the cache still matches).
+  re-tokenized tail after the longest prefix the cache still matches). Two cache
+  contracts exist (``kv_cache`` in the manifest): ``true``, optimum's, where every row
+  of a batch carries its own copy of the past (:class:`RowCache`), and ``"shared"``,
+  where one past serves all candidates and the model returns only the new tokens' keys
+  and values (:class:`SharedCache`): the per-step cost then grows with one read of the
+  cache, not k copies of it.
 * :class:`CausalFullScorer` feeds the same causal model the whole token sequence
   for every candidate: the plain path the cached one must agree with.
 """
@@ -48,6 +53,7 @@ INPUTS = ("token_ids", "text")
 FORMATS = ("response", "pair", "template")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+NO_ATTENTION = float(np.finfo(np.float32).min)  # attention_bias where a token may not look
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class Manifest:
     input: Literal["token_ids", "text"] = "token_ids"
     format: Literal["response", "pair", "template"] = "response"
     template: str | None = None
-    kv_cache: bool = False
+    kv_cache: bool | Literal["shared"] = False
     bos_token_id: int | None = None
     pad_token_id: int = 0
     tokenizer_sha256: str | None = None
@@ -105,6 +111,8 @@ class Manifest:
             raise bad('"format": "template" needs a "template" containing {response}')
         if self.activation not in ACTIVATIONS:
             raise bad(f'"activation" must be one of {", ".join(ACTIVATIONS)}')
+        if not (isinstance(self.kv_cache, bool) or self.kv_cache == "shared"):
+            raise bad('"kv_cache" must be false, true (a past per row) or "shared" (one past for all rows)')
         if self.kv_cache and (self.input != "token_ids" or self.format != "response"):
             raise bad('"kv_cache" needs "input": "token_ids" and "format": "response"')
         if self.range is not None and not (
@@ -201,7 +209,9 @@ class RewardModel:
         self.output = self.manifest.output or self.outputs[0]
         self.tokenizer = self._load_tokenizer(folder)
         self.past_names = sorted(n for n in self.inputs if n.startswith("past_key_values."))
-        self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
+        # What the model returns for each past input: the whole longer past, or only the new part.
+        returned = "new_key_values." if self.manifest.kv_cache == "shared" else "present."
+        self.present_names = [n.replace("past_key_values.", returned, 1) for n in self.past_names]
         self.stats = RewardStats()
         self._vocab_check: tuple[list[str], bool] | None = None
         self._check_io()
@@ -247,17 +257,26 @@ class RewardModel:
                     f"{_describe(self.inputs)}; set \"input\": \"token_ids\" and ship a tokenizer.json"
                 )
             return
-        allowed = {"input_ids", "attention_mask", "token_type_ids", "position_ids", *self.past_names}
-        if "input_ids" not in self.inputs or set(self.inputs) - allowed:
-            raise ModelError(
-                f"reward model {name}: inputs {_describe(self.inputs)} do not fit; a token-id model "
-                "takes input_ids and optionally attention_mask, token_type_ids, position_ids, past_key_values.*"
-            )
+        if m.kv_cache == "shared":
+            expected = {"input_ids", "position_ids", "attention_bias", *self.past_names}
+            if set(self.inputs) != expected or not self.past_names:
+                raise ModelError(
+                    f'reward model {name}: the manifest sets "kv_cache": "shared", which takes input_ids, '
+                    f"position_ids, attention_bias and past_key_values.*, but its inputs are {_describe(self.inputs)}"
+                )
+        else:
+            allowed = {"input_ids", "attention_mask", "token_type_ids", "position_ids", *self.past_names}
+            if "input_ids" not in self.inputs or set(self.inputs) - allowed:
+                raise ModelError(
+                    f"reward model {name}: inputs {_describe(self.inputs)} do not fit; a token-id model "
+                    "takes input_ids and optionally attention_mask, token_type_ids, position_ids, past_key_values.*"
+                )
         if m.kv_cache:
             if not self.past_names or any(p not in self.outputs for p in self.present_names):
                 raise ModelError(
-                    f"reward model {name}: the manifest sets kv_cache but the model has no "
-                    "past_key_values.* inputs with matching present.* outputs; re-export it with --with-past"
+                    f"reward model {name}: the manifest sets kv_cache but the model has no past_key_values.* "
+                    'inputs with matching outputs (present.* for true, new_key_values.* for "shared"); '
+                    "re-export it with --with-past"
                 )
             if m.bos_token_id is None:
                 raise ModelError(f"reward model {name}: a kv_cache model needs bos_token_id in its manifest")
@@ -366,7 +385,11 @@ class RewardModel:
         return self._reward(raw, mask.sum(axis=1) - 1)
 
     def _token_feeds(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, past: int = 0) -> dict[str, Any]:
+        """Inputs for right-padded rows that continue ``past`` cached tokens (per-row caches);
+        a shared-cache model gets the same as a causal bias that hides the padding."""
         feeds: dict[str, Any] = {"input_ids": ids}
+        if "attention_bias" in self.inputs:
+            feeds["attention_bias"] = padded_bias(mask)
         if "attention_mask" in self.inputs:
             full = np.ones((ids.shape[0], past), dtype=np.int64)
             feeds["attention_mask"] = np.concatenate([full, mask], axis=1)
@@ -381,13 +404,15 @@ class RewardModel:
         return feeds
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length pasts: [batch, heads, 0, dim], or [1, 0, heads, dim] for a shared cache."""
+        shared = self.manifest.kv_cache == "shared"
         feeds = {}
         for name in self.past_names:
             shape = self.inputs[name].shape
-            heads, dim = shape[1], shape[3]
+            heads, dim = shape[2 if shared else 1], shape[3]
             if not (isinstance(heads, int) and isinstance(dim, int)):
                 heads, dim = self.manifest.extra["num_kv_heads"], self.manifest.extra["head_dim"]
-            feeds[name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
+            feeds[name] = np.zeros((1, 0, heads, dim) if shared else (batch, heads, 0, dim), dtype=np.float32)
         return feeds
 
     # -- scorers ----------------------------------------------------------------
@@ -519,67 +544,152 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-class CachedScorer:
-    """Scores k candidates against the reward model's KV cache of the response so far.
+def padded_bias(mask: np.ndarray) -> np.ndarray:
+    """``attention_bias`` [b, n, n] for right-padded rows: causal, and padding is never a key."""
+    n = mask.shape[1]
+    allowed = np.tril(np.ones((n, n), dtype=bool))[None] & mask[:, None, :].astype(bool)
+    return np.where(allowed, 0.0, NO_ATTENTION).astype(np.float32)
 
-    Each step: the part all candidates share and the cache lacks (tokens accepted on
-    steps that were skipped, or a re-tokenized tail) is fed once as a batch of one; then
-    the k distinct tails (a single token each when the vocabularies are shared) go in one
-    batch against the shared cache. The chosen candidate's key/value rows become the new
-    cache, so accepting a scored token costs nothing.
-    """
 
-    def __init__(self, model: RewardModel, sequences: Sequences | None = None) -> None:
+def packed_bias(lengths: Sequence[int]) -> np.ndarray:
+    """``attention_bias`` [1, n, n] for token runs packed side by side in one row: each run is
+    causal inside itself and blind to the others (k single tokens: the diagonal)."""
+    run = np.repeat(np.arange(len(lengths)), lengths)
+    index = np.concatenate([np.arange(n) for n in lengths])
+    allowed = (run[:, None] == run[None, :]) & (index[:, None] >= index[None, :])
+    return np.where(allowed, 0.0, NO_ATTENTION).astype(np.float32)[None]
+
+
+class RowCache:
+    """optimum's contract: each row of a batch carries its own past, and the model returns
+    it again one step longer (``present.*``). Scoring k candidates repeats the past k times;
+    the chosen row of ``present`` is the next cache."""
+
+    def __init__(self, model: RewardModel) -> None:
         self.model = model
-        self.bounds = model.bounds
-        self.sequences = sequences or Sequences(model)
-        self.cached: list[int] = []
+        self.length = 0
         self.past = model._empty_past(1)
-        self._last: dict[int, tuple[list[int], dict[str, np.ndarray]]] = {}  # token -> (tail, cache)
+        self._presents: list[np.ndarray] = []
 
-    def _truncate(self, n: int) -> None:
-        if n < len(self.cached):
-            self.cached = self.cached[:n]
-            self.past = {name: p[:, :, :n] for name, p in self.past.items()}
+    def truncate(self, n: int) -> None:
+        self.past = {name: p[:, :, :n] for name, p in self.past.items()}
+        self.length = n
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> tuple[Any, list[np.ndarray]]:
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray], n_candidates: int) -> tuple[Any, list[np.ndarray]]:
         m = self.model
-        feeds = m._token_feeds(ids, mask, np.zeros_like(ids), past=len(self.cached))
+        feeds = m._token_feeds(ids, mask, np.zeros_like(ids), past=self.length)
         feeds.update(past)
-        raw, *presents = m._run(feeds, ids.shape[0] if ids.shape[0] > 1 else 0, m.present_names)
+        raw, *presents = m._run(feeds, n_candidates, m.present_names)
         return raw, presents
 
-    def _extend(self, tokens: list[int]) -> None:
-        """Feed tokens every candidate shares, as a batch of one."""
+    def extend(self, tokens: list[int]) -> None:
         ids = np.array([tokens], dtype=np.int64)
-        _, presents = self._forward(ids, np.ones_like(ids), self.past)
+        _, presents = self._forward(ids, np.ones_like(ids), self.past, 0)
         self.past = dict(zip(self.model.past_names, presents))
-        self.cached.extend(tokens)
+        self.length += len(tokens)
 
-    def score(self, tokens: Sequence[int]) -> np.ndarray:
-        prefix, tails = self.sequences.split(tokens)
-        self._truncate(_common_prefix(self.cached, prefix))
-        if len(prefix) > len(self.cached):
-            self._extend(prefix[len(self.cached) :])
+    def candidates(self, tails: list[list[int]]) -> tuple[Any, np.ndarray]:
         width = max(len(t) for t in tails)
         ids = np.full((len(tails), width), self.model.manifest.pad_token_id, dtype=np.int64)
         mask = np.zeros_like(ids)
         for i, t in enumerate(tails):
             ids[i, : len(t)] = t
             mask[i, : len(t)] = 1
-        k = len(tails)
-        past = {n: np.repeat(v, k, axis=0) for n, v in self.past.items()}
-        raw, presents = self._forward(ids, mask, past)
-        # The cache after choosing a candidate: its row, without the padding after its tail.
-        self._last = {
-            token: (tail, {n: p[i : i + 1, :, : len(prefix) + len(tail)] for n, p in zip(self.model.past_names, presents)})
-            for i, (token, tail) in enumerate(zip(tokens, tails))
-        }
-        return self.model._reward(raw, mask.sum(axis=1) - 1)
+        past = {n: np.repeat(v, len(tails), axis=0) for n, v in self.past.items()}
+        raw, self._presents = self._forward(ids, mask, past, len(tails))
+        return raw, mask.sum(axis=1) - 1
+
+    def accept(self, i: int, tail: list[int]) -> None:
+        end = self.length + len(tail)  # the row without the padding after its tail
+        self.past = {n: p[i : i + 1, :, :end] for n, p in zip(self.model.past_names, self._presents)}
+        self.length = end
+
+
+class SharedCache:
+    """The ``"shared"`` contract: one past, sequence-major [1, length, heads, dim], read by
+    every candidate; the model returns only the new tokens' keys and values, which are
+    appended in place (the buffers grow by doubling, and a prefix of them is handed to
+    onnxruntime without a copy). The k candidates' tails are packed in one row."""
+
+    def __init__(self, model: RewardModel) -> None:
+        self.model = model
+        self.length = 0
+        self.buffers = {n: np.empty((1, 64, *p.shape[2:]), dtype=np.float32) for n, p in model._empty_past(1).items()}
+        self._new: list[np.ndarray] = []
+        self._starts: list[int] = []
+
+    def truncate(self, n: int) -> None:
+        self.length = n
+
+    def _forward(self, ids: list[int], positions: np.ndarray, bias: np.ndarray, n_candidates: int) -> tuple[Any, list[np.ndarray]]:
+        m = self.model
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), "position_ids": positions[None], "attention_bias": bias}
+        feeds.update({n: b[:, : self.length] for n, b in self.buffers.items()})
+        raw, *new = m._run(feeds, n_candidates, m.present_names)
+        return raw, new
+
+    def _append(self, new: list[np.ndarray], start: int, stop: int) -> None:
+        end = self.length + stop - start
+        for (name, buffer), part in zip(list(self.buffers.items()), new):
+            if end > buffer.shape[1]:
+                grown = np.empty((1, max(end, 2 * buffer.shape[1]), *buffer.shape[2:]), dtype=np.float32)
+                grown[:, : self.length] = buffer[:, : self.length]
+                self.buffers[name] = buffer = grown
+            buffer[:, self.length : end] = part[:, start:stop]
+        self.length = end
+
+    def extend(self, tokens: list[int]) -> None:
+        positions = np.arange(self.length, self.length + len(tokens), dtype=np.int64)
+        _, new = self._forward(tokens, positions, packed_bias([len(tokens)]), 0)
+        self._append(new, 0, len(tokens))
+
+    def candidates(self, tails: list[list[int]]) -> tuple[Any, None]:
+        lengths = [len(t) for t in tails]
+        ends = np.cumsum(lengths)
+        self._starts = [0, *ends[:-1].tolist()]
+        positions = self.length + np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+        raw, self._new = self._forward([t for tail in tails for t in tail], positions, packed_bias(lengths), len(tails))
+        return np.asarray(raw)[0, ends - 1], None  # [k, outputs]: each tail's last position
+
+    def accept(self, i: int, tail: list[int]) -> None:
+        self._append(self._new, self._starts[i], self._starts[i] + len(tail))
+
+
+class CachedScorer:
+    """Scores k candidates against the reward model's KV cache of the response so far.
+
+    Each step: the part all candidates share and the cache lacks (tokens accepted on
+    steps that were skipped, or a re-tokenized tail) is fed once as a batch of one; then
+    the k distinct tails (a single token each when the vocabularies are shared) go in one
+    call against the cache. The chosen candidate's keys and values become the cache, so
+    accepting a scored token costs no model call.
+    """
+
+    def __init__(self, model: RewardModel, sequences: Sequences | None = None) -> None:
+        self.model = model
+        self.bounds = model.bounds
+        self.sequences = sequences or Sequences(model)
+        self.cache: RowCache | SharedCache = SharedCache(model) if model.manifest.kv_cache == "shared" else RowCache(model)
+        self.cached: list[int] = []
+        self._last: dict[int, tuple[int, list[int]]] = {}  # token -> (row, tail)
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        prefix, tails = self.sequences.split(tokens)
+        keep = _common_prefix(self.cached, prefix)
+        if keep < len(self.cached):
+            self.cached = self.cached[:keep]
+            self.cache.truncate(keep)
+        if len(prefix) > len(self.cached):
+            self.cache.extend(prefix[len(self.cached) :])
+            self.cached.extend(prefix[len(self.cached) :])
+        raw, last = self.cache.candidates(tails)
+        self._last = {token: (i, tail) for i, (token, tail) in enumerate(zip(tokens, tails))}
+        return self.model._reward(raw, last)
 
     def advance(self, token: int) -> None:
         self.sequences.advance(token)
         if token in self._last:
-            tail, self.past = self._last[token]
+            row, tail = self._last[token]
+            self.cache.accept(row, tail)
             self.cached.extend(tail)
         self._last = {}

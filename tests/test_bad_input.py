@@ -124,6 +124,17 @@ def test_tokenizer_that_does_not_match(tmp_path, reward_path):
     check(cli("generate", "hi", "-r", str(tmp_path / "rm")), 1, "not the tokenizer this reward model was exported with")
 
 
+@pytest.mark.parametrize("kv_cache, words", [
+    ("maybe", '"kv_cache" must be false, true'),
+    (True, "do not fit"),  # the bundled model's shared-cache inputs, declared as per-row
+])
+def test_kv_cache_that_does_not_fit_the_model(tmp_path, reward_path, kv_cache, words):
+    shutil.copytree(reward_path, tmp_path / "rm")
+    manifest = json.loads((tmp_path / "rm" / "reward.json").read_text())
+    (tmp_path / "rm" / "reward.json").write_text(json.dumps({**manifest, "kv_cache": kv_cache}))
+    check(cli("generate", "hi", "-r", str(tmp_path / "rm")), 1, words)
+
+
 def nan_reward_model(folder, reward_path, nan_share: float) -> None:
     """A real token-id ONNX model whose reward is a lookup of the last token's id, NaN or
     infinite for a share of the vocabulary."""

@@ -80,10 +80,13 @@ def test_kv_cached_scoring_picks_the_same_tokens_as_full_rescoring(policy, rewar
 @pytest.mark.parametrize("bridge", [False, True])
 def test_cached_scorer_matches_full_scores_step_by_step(policy, reward, bridge):
     """Shared vocabulary (ids straight from the policy) and bridged through text (the
-    reward tokenizer re-reads the response): the cache must not change a reward."""
+    reward tokenizer re-reads the response): the cache must not change a reward. The response
+    is longer than the cache's first allocation (64 tokens), so the cache also grows."""
     from args_local.reward import CachedScorer, CausalFullScorer, Sequences
 
-    response = policy.tokenize(" I really enjoyed the sunny walk, thanks for asking! 👋 Ok.", special=False)
+    text = " I really enjoyed the sunny walk, thanks for asking! 👋 Ok." * 5
+    response = policy.tokenize(text, special=False)
+    assert len(response) > 64
     cached = CachedScorer(reward, Sequences(reward, policy.token_bytes, bridge))
     full = CausalFullScorer(reward, Sequences(reward, policy.token_bytes, bridge))
     candidates = [10, 500, 3000, 12000, 40000]
