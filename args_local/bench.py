@@ -145,6 +145,21 @@ def cold_start(args: list[str]) -> tuple[float, float]:
     return first, float(found.group(1))
 
 
+def growth(rows: list[Row]) -> list[str]:
+    """The ratios the speed goals are stated in: each variant's per-token time at the longest
+    measured length over its time at the shortest, and cached ARGS over full re-scoring there."""
+    lengths = [L for L in LENGTHS if rows[0].ms_per_token_at[L] is not None]
+    if len(lengths) < 2:
+        return []
+    first, last = lengths[0], lengths[-1]
+    lines = [f"per-token time @{last} / @{first}: " + ", ".join(f"{r.name} {r.ms_per_token_at[last] / r.ms_per_token_at[first]:.2f}x" for r in rows)]
+    full = [r for r in rows if r.name.endswith("full re-scoring")]
+    cached = next((r for r in rows if r.name.startswith("args-greedy")), None)
+    if full and cached:
+        lines.append(f"{cached.name} is {full[0].ms_per_token_at[last] / cached.ms_per_token_at[last]:.1f}x faster per token than full re-scoring @{last}")
+    return lines
+
+
 def table(rows: list[Row]) -> str:
     """The results as a Markdown table."""
     head = "| variant | tokens/s | x llama.cpp greedy | reward calls/token | reward ms/token | " + " | ".join(f"ms/token @{L}" for L in LENGTHS) + " |"

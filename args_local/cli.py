@@ -275,6 +275,9 @@ def bench(**opts: Any) -> None:
     click.echo(f"policy {engine.policy.path.name}, reward {engine.reward.manifest.name}, w = {weight}, "
                f"{opts['max_tokens']} tokens, median of {opts['repeats']} runs\n")
     click.echo(b.table(rows))
+    ratios = b.growth(rows)
+    if ratios:
+        click.echo("\n" + "\n".join(ratios))
     click.echo(f"\npeak memory of this benchmark process: {peak_rss_mb():.0f} MB")
     first, peak = b.cold_start([opts["prompt"], "-n", "16"])
     click.echo(f"default `args-local generate`: first token {first:.2f} s after launch, peak memory {peak:.0f} MB")
