@@ -294,7 +294,7 @@ def _io_lines(values: list[Any]) -> list[str]:
         parts = v.name.split(".")
         kind = ONNX_TYPES.get(v.type, v.type)
         shape = "[" + ", ".join(str(d) for d in v.shape) + "]" if v.shape is not None else "[?]"
-        if len(parts) == 3 and parts[0] in ("past_key_values", "present") and parts[1].isdigit():
+        if len(parts) == 3 and parts[0] in ("past_key_values", "present", "new_key_values") and parts[1].isdigit():
             key = (parts[0], parts[2], kind, shape)
             if key not in layers:
                 layers[key] = []
