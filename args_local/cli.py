@@ -327,11 +327,12 @@ def eval_cmd(prompts_file: Path, **opts: Any) -> None:
 @click.argument("source")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--with-past", is_flag=True, help="export a causal reward model with its KV cache (scored incrementally)")
+@click.option("--past-layout", type=click.Choice(["shared", "per-row"]), default="shared", show_default=True, help="with --with-past: one cache read by all k candidates, or optimum's cache per row (what other tools expect)")
 @click.option("--quantize", type=click.Choice(["int8"]), help="dynamic int8 quantization (CPU)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="fp16 for GPU users")
 @click.option("--format", "input_format", type=click.Choice(["pair", "template", "response"]), help="what the reward model reads: a (prompt, response) pair [encoders' default], the chat template [decoders' default], or the response alone")
 @click.option("-v", "--verbose", is_flag=True, help="show the exporter's own logs")
-def export_cmd(source: str, out_dir: Path, with_past: bool, quantize: str | None, dtype: str, input_format: str | None, verbose: bool) -> None:
+def export_cmd(source: str, out_dir: Path, with_past: bool, past_layout: str, quantize: str | None, dtype: str, input_format: str | None, verbose: bool) -> None:
     """Export a Hugging Face reward model (folder or hub id) to a checked ONNX reward-model folder.
 
     Needs the `export` extra (torch, transformers, optimum-onnx); the runtime never imports them.
@@ -339,7 +340,7 @@ def export_cmd(source: str, out_dir: Path, with_past: bool, quantize: str | None
     from .export import export_reward_model
 
     export_reward_model(source, out_dir, with_past=with_past, quantize=quantize, dtype=dtype, verbose=verbose,
-                        input_format=input_format, log=lambda msg: click.echo(f"args-local: {msg}", err=True))
+                        input_format=input_format, past_layout=past_layout, log=lambda msg: click.echo(f"args-local: {msg}", err=True))
 
 
 @main.command()

@@ -10,14 +10,25 @@ that :mod:`args_local.reward` reads). Three kinds of models are handled:
   the runtime right-pads with the manifest's ``pad_token_id``, so it must be the model's.
   The text is the model's chat template for one user turn and one assistant turn
   (``"format": "template"``), or the bare response when there is no chat template.
-* **decoders with a KV cache** (``with_past``): optimum has no
-  ``text-classification-with-past`` task, so the backbone is put under a causal-LM
-  shell whose ``lm_head`` *is* the reward model's ``score`` layer, and exported with
-  optimum's own ``text-generation-with-past`` task: one ``model.onnx`` that takes
-  ``input_ids``, ``attention_mask`` (past + new), ``position_ids`` and
-  ``past_key_values.{i}.key/value`` (an empty past works) and returns ``logits``
-  ``[batch, sequence, num_labels]`` (the score at every position) and ``present.*``.
-  The text is ``[bos] + response``: the runtime feeds the policy's tokens straight in
+* **decoders with a KV cache** (``with_past``), in one of two layouts:
+
+  - ``shared`` (the default): the ARGS step's k candidates read one copy of the cache.
+    The model's attention is swapped, for the export only, for a function that attends
+    to a batch-1, sequence-major past given as an input plus the new tokens under an
+    ``attention_bias``, and hands the new tokens' keys and values out as outputs
+    (``"kv_cache": "shared"``, the contract of the bundled reward model). This works for
+    models whose attention goes through transformers' attention interface (Llama, Qwen,
+    GPT-2...); a dry run against the unmodified model decides, and anything else falls
+    back to the per-row layout with a note.
+  - ``per-row``: optimum has no ``text-classification-with-past`` task, so the backbone
+    is put under a causal-LM shell whose ``lm_head`` *is* the reward model's ``score``
+    layer, and exported with optimum's own ``text-generation-with-past`` task: one
+    ``model.onnx`` that takes ``input_ids``, ``attention_mask`` (past + new),
+    ``position_ids`` and ``past_key_values.{i}.key/value`` and returns ``logits`` and
+    ``present.*`` (``"kv_cache": true``); every candidate carries its own copy of the past.
+
+  Either way ``logits`` is ``[batch, sequence, num_labels]`` (the score at every position)
+  and an empty past works. The text is ``[bos] + response``: the runtime feeds the policy's tokens straight in
   when both share a vocabulary. ``bos`` is the tokenizer's BOS token, else the first
   token of its chat template (``<|im_start|>`` for Qwen), else its EOS token (GPT-2's
   ``<|endoftext|>``).
@@ -67,6 +78,7 @@ PROMPT_SENTINEL = "ARGSLOCALPROMPTSENTINEL"
 RESPONSE_SENTINEL = "ARGSLOCALRESPONSESENTINEL"
 
 INSTALL_HINT = 'pip install "args-local[export]"'
+PAST_LAYOUTS = ("shared", "per-row")
 
 
 class ExportError(ArgsLocalError):
@@ -86,12 +98,14 @@ def export_reward_model(
     verbose: bool = False,
     log: Callable[[str], None] = print,
     input_format: str | None = None,
+    past_layout: str = "shared",
 ) -> dict[str, Any]:
     """Export ``source`` (a Hugging Face model folder or hub id) to ``out_dir`` and check it.
 
     ``input_format`` overrides the text the manifest builds: ``"pair"`` (encoders'
     default), ``"template"`` (decoders' default when there is a chat template) or
-    ``"response"``. Returns a report: the manifest, the parity differences, sizes.
+    ``"response"``. ``past_layout`` is ``"shared"`` or ``"per-row"`` (see the module
+    docstring). Returns a report: the manifest, the parity differences, sizes.
     Raises :class:`ExportError` with a sentence that says what to do.
     """
     if dtype not in ("fp32", "fp16"):
@@ -100,6 +114,8 @@ def export_reward_model(
         raise ExportError(f"--quantize must be int8, not {quantize!r}")
     if quantize and dtype != "fp32":
         raise ExportError("choose one of --quantize int8 (CPU) and --dtype fp16 (GPU), not both")
+    if past_layout not in PAST_LAYOUTS:
+        raise ExportError(f"the past layout must be {' or '.join(PAST_LAYOUTS)}, not {past_layout!r}")
     if input_format not in (None, "pair", "template", "response"):
         raise ExportError(f"the input format must be pair, template or response, not {input_format!r}")
     out_dir = Path(out_dir)
@@ -116,7 +132,7 @@ def export_reward_model(
         staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()  # (not mkdtemp: the folder gets the user's usual permissions)
         try:
-            report = _export(deps, source, staging, with_past, quantize, dtype, precision, input_format, log)
+            report = _export(deps, source, staging, with_past, past_layout, quantize, dtype, precision, input_format, log)
             if out_dir.exists():
                 out_dir.rmdir()
             staging.rename(out_dir)
@@ -164,6 +180,7 @@ def _export(
     source: str,
     staging: Path,
     with_past: bool,
+    past_layout: str,
     quantize: str | None,
     dtype: str,
     precision: str,
@@ -183,17 +200,21 @@ def _export(
     head = _score_head(deps, source, model) if with_past else None
     manifest = _manifest(source, config, tok, kind, fmt, template, with_past, bos, pad, log)
 
-    log(f"exporting {config.model_type} ({kind}{', with KV cache' if with_past else ''}) with optimum")
-    raw_dir = staging / "_optimum"
-    if with_past:
-        _export_with_past(deps, model, head, raw_dir)
-    else:
-        deps.onnx_export_from_model(model, raw_dir, task="text-classification", do_validation=False)
+    raw_dir = staging / "_raw"
+    shared = with_past and past_layout == "shared" and _export_shared_past(deps, model, head, raw_dir, log)
+    if not shared:
+        log(f"exporting {config.model_type} ({kind}{', with a KV cache per row' if with_past else ''}) with optimum")
+        if with_past:
+            _export_with_past(deps, model, head, raw_dir)
+        else:
+            deps.onnx_export_from_model(model, raw_dir, task="text-classification", do_validation=False)
     onnx_file = staging / "model.onnx"
     _finish_onnx(deps, raw_dir / "model.onnx", onnx_file, quantize, dtype, log)
     shutil.rmtree(raw_dir)
 
-    if with_past:
+    if shared:
+        manifest["kv_cache"] = "shared"
+    elif with_past:
         _add_cache_shapes(deps, onnx_file, manifest)
     digest = _write_tokenizer(tok, staging / "tokenizer.json", strip_special=fmt == "template")
     manifest = _with_key_after(manifest, "pad_token_id", "tokenizer_sha256", digest)
@@ -205,6 +226,7 @@ def _export(
         "kind": kind,
         "architecture": config.model_type,
         "with_past": with_past,
+        "past_layout": ("shared" if shared else "per-row") if with_past else None,
         "precision": precision,
         "manifest": manifest,
         "size_bytes": _size(staging),
@@ -544,6 +566,120 @@ def _export_with_past(deps: _Deps, model, head, out: Path) -> None:
         raise ExportError(f"--with-past: the {config.model_type} causal-LM shell has parts the reward model lacks ({leftover[0]}): export without --with-past")
     shell.eval()
     deps.onnx_export_from_model(shell, out, task="text-generation-with-past", do_validation=False)
+
+
+class _SharedPastAttention:
+    """An attention function for transformers' attention interface that reads a shared past.
+
+    During the export, ``past`` holds one ``(key, value)`` pair per layer, sequence-major
+    ``[1, past_len, kv_heads, head_dim]``, and ``bias`` the ``[batch, seq, seq]`` attention
+    bias among the new tokens; the function attends to both (query heads grouped by the
+    key/value head they share, so nothing is repeated) and leaves each layer's new keys and
+    values, sequence-major, in ``new``. It is the same arithmetic as the bundled model's
+    attention in ``scripts/train_reward.py``.
+    """
+
+    name = "args_local_shared_past"
+
+    def __init__(self, torch: Any) -> None:
+        self.torch = torch
+        self.past: list[tuple[Any, Any]] = []
+        self.bias: Any = None
+        self.new: dict[int, tuple[Any, Any]] = {}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling: float | None = None, **kwargs: Any):
+        torch, i = self.torch, module.layer_idx
+        b, heads, n, d = query.shape
+        kv_heads = key.shape[1]
+        if scaling is None:  # GPT-2 passes none: its own rule
+            scaling = d**-0.5 if getattr(module, "scale_attn_weights", True) else 1.0
+            if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+                scaling /= float(i + 1)
+        past_key, past_value = self.past[i]
+        rep = heads // kv_heads
+        q = query.reshape(b, kv_heads, rep * n, d) * scaling
+        new = (torch.matmul(q, key.transpose(-1, -2)).view(b, kv_heads, rep, n, n) + self.bias[:, None, None]).view(b, kv_heads, rep * n, n)
+        scores = torch.cat((torch.matmul(q, past_key.permute(0, 2, 3, 1)), new), dim=-1)
+        attn = torch.softmax(scores, dim=-1)
+        past_len = past_key.shape[1]
+        out = torch.matmul(attn[..., :past_len], past_value.transpose(1, 2)) + torch.matmul(attn[..., past_len:], value)
+        self.new[i] = (key.transpose(1, 2), value.transpose(1, 2))
+        return out.view(b, heads, n, d).transpose(1, 2), None
+
+
+def _export_shared_past(deps: _Deps, model, head, out: Path, log) -> bool:
+    """Export the backbone and score head with the shared-past contract; False (after a note)
+    when the architecture's attention cannot be swapped, so the caller exports per row."""
+    torch, tf = deps.torch, deps.transformers
+    from .reward import packed_bias, padded_bias
+
+    attention = _SharedPastAttention(torch)
+    tf.AttentionInterface.register(attention.name, attention)
+    backbone, config = getattr(model, model.base_model_prefix), model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads  # GPT-2's n_layer, n_head too
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.head = backbone, head
+
+        def forward(self, input_ids, position_ids, attention_bias, *past_flat):
+            attention.past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(layers)]
+            attention.bias, attention.new = attention_bias, {}
+            hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            return (self.head(hidden), *[t for i in range(layers) for t in attention.new[i]])
+
+    ids = torch.tensor([[1, 5, 7, 11, 13, 17]]) % int(config.vocab_size)
+    with torch.no_grad():
+        want = head(backbone(input_ids=ids).last_hidden_state)
+    original = config._attn_implementation
+    config._attn_implementation = attention.name
+    try:
+        with torch.no_grad():
+            empty = [torch.zeros(1, 0, kv_heads, head_dim) for _ in range(2 * layers)]
+            positions = torch.arange(ids.shape[1])[None]
+            got = Graph()(ids, positions, torch.from_numpy(padded_bias(np.ones((1, ids.shape[1])))), *empty)[0]
+            diff = float((got - want).abs().max())
+        if diff > 1e-4 * max(1.0, float(want.abs().max())):
+            raise ValueError(f"differs from the model by {diff:.1e}")
+    except Exception as e:  # the swap does not fit this architecture: any error means "no"
+        config._attn_implementation = original
+        why = "it does not go through transformers' attention interface" if isinstance(e, KeyError) else _first_line(e)
+        log(f"note: {config.model_type}'s attention cannot read a shared past ({why}); exporting a past per row")
+        return False
+    log(f"exporting {config.model_type} (decoder, with one KV cache shared by all candidates)")
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    new_names = [f"new_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    b, s, p = 2, 3, 4  # an example no dimension of which is 0 or 1, so none is specialised
+    example = (
+        torch.ones(b, s, dtype=torch.long),
+        torch.arange(p, p + s)[None].expand(b, s).contiguous(),
+        torch.from_numpy(np.repeat(packed_bias([s]), b, axis=0)),
+        *[torch.zeros(1, p, kv_heads, head_dim) for _ in range(2 * layers)],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                Graph().eval(), example, str(out / "model.onnx"),
+                input_names=["input_ids", "position_ids", "attention_bias", *past_names],
+                output_names=["logits", *new_names],
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "seq"},
+                    "position_ids": {0: "batch", 1: "seq"},
+                    "attention_bias": {0: "batch", 1: "seq", 2: "seq"},
+                    "logits": {0: "batch", 1: "seq"},
+                    **{n: {1: "past_len"} for n in past_names},
+                    **{n: {0: "batch", 1: "seq"} for n in new_names},
+                },
+                opset_version=17,
+                dynamo=False,
+            )
+    finally:
+        config._attn_implementation = original
+    return True
 
 
 def _finish_onnx(deps: _Deps, raw: Path, out: Path, quantize: str | None, dtype: str, log) -> None:

@@ -325,43 +325,55 @@ def test_gpt2_without_pad_token_pads_with_eos(exported, gpt2_source):
 # -- decoders with a KV cache ------------------------------------------------------------------
 
 
-CACHED = ["llama", "qwen3", "gpt2"]
+CACHED = [(arch, layout) for arch in ("llama", "qwen3", "gpt2") for layout in ("shared", "per-row")]
 
 
-@pytest.fixture(params=CACHED)
+@pytest.fixture(params=CACHED, ids=["-".join(p) for p in CACHED])
 def cached_export(request, exported):
-    source = request.getfixturevalue(f"{request.param}_source")
-    out, report, lines = exported(source, with_past=True)
-    return request.param, source, out, report
+    arch, layout = request.param
+    source = request.getfixturevalue(f"{arch}_source")
+    out, report, lines = exported(source, with_past=True, past_layout=layout)
+    assert report["past_layout"] == layout  # these three architectures never fall back
+    return f"{arch} {layout}", source, out, report
 
 
 def test_with_past_graph_has_the_cache_contract(cached_export):
     import onnxruntime as ort
 
-    name, source, out, _ = cached_export
+    from args_local.reward import padded_bias
+
+    name, source, out, report = cached_export
+    shared = report["past_layout"] == "shared"
     m = manifest_of(out)
-    assert m["kv_cache"] is True and m["format"] == "response" and m["output"] == "logits"
+    assert m["kv_cache"] == ("shared" if shared else True) and m["format"] == "response" and m["output"] == "logits"
     session = ort.InferenceSession(str(out / "model.onnx"))
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
-    assert {"input_ids", "attention_mask", "position_ids"} <= set(inputs)
-    assert all(inputs[n].type == "tensor(int64)" for n in ("input_ids", "attention_mask", "position_ids"))
+    given = ("input_ids", "position_ids", "attention_bias") if shared else ("input_ids", "attention_mask", "position_ids")
+    assert set(given) <= set(inputs)
+    assert all(inputs[n].type == ("tensor(float)" if n == "attention_bias" else "tensor(int64)") for n in given)
     for i in range(2):
         for kv in ("key", "value"):
-            shape = inputs[f"past_key_values.{i}.{kv}"].shape
-            assert inputs[f"past_key_values.{i}.{kv}"].type == "tensor(float)"
-            assert (shape[1], shape[3]) == (m["num_kv_heads"], m["head_dim"])
-            assert f"present.{i}.{kv}" in outputs
+            past = inputs[f"past_key_values.{i}.{kv}"]
+            assert past.type == "tensor(float)"
+            if shared:
+                assert past.shape[0] == 1 and isinstance(past.shape[2], int) and isinstance(past.shape[3], int)
+            else:
+                assert (past.shape[1], past.shape[3]) == (m["num_kv_heads"], m["head_dim"])
+            assert f"{'new_key_values' if shared else 'present'}.{i}.{kv}" in outputs
     assert outputs["logits"].type == "tensor(float)" and len(outputs["logits"].shape) == 3
 
     # An empty past and a whole sequence: the score at every position, as PyTorch's head gives it.
     tok = tf.AutoTokenizer.from_pretrained(source)
     ids = [m["bos_token_id"], *tok(PAIRS[1][1], add_special_tokens=False).input_ids]
-    feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids))[None]}
+    feeds = {"input_ids": np.array([ids]), "position_ids": np.arange(len(ids))[None]}
+    if shared:
+        feeds["attention_bias"] = padded_bias(np.ones((1, len(ids))))
+    else:
+        feeds["attention_mask"] = np.ones((1, len(ids)), np.int64)
     for n, i in inputs.items():
         if n.startswith("past_key_values."):
-            feeds[n] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+            feeds[n] = np.zeros((1, 0, i.shape[2], i.shape[3]) if shared else (1, i.shape[1], 0, i.shape[3]), np.float32)
     logits = session.run(["logits"], feeds)[0]
     want = torch_positions(torch_model(source), ids)
     assert logits.shape == (1, len(ids), 1)
@@ -405,6 +417,23 @@ def test_kv_cached_export_bridged_through_text_to_another_tokenizer(exported, gp
             assert np.allclose(cached.score(candidates), full.score(candidates), atol=1e-4)
         cached.advance(token)
         full.advance(token)
+
+
+def test_architecture_without_the_attention_interface_falls_back_to_a_past_per_row(tmp_path):
+    """GPT-J computes attention in its own code, so the shared-past swap cannot apply: the
+    export says so and writes optimum's per-row layout, which still checks out."""
+    tok = bpe_tokenizer()
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(3)
+    model = tf.GPTJForSequenceClassification(tf.GPTJConfig(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, num_labels=1,
+        bos_token_id=eot, eos_token_id=eot, initializer_range=0.2,
+    ))
+    lines: list[str] = []
+    report = export_reward_model(str(save(tmp_path / "gptj", model, tok)), tmp_path / "out", with_past=True, log=lines.append)
+    assert report["past_layout"] == "per-row" and manifest_of(tmp_path / "out")["kv_cache"] is True
+    assert any("cannot read a shared past (it does not go through transformers' attention interface)" in line for line in lines)
+    assert report["incremental_max_abs_diff"] < 1e-4 and report["max_abs_diff"] < 1e-4
 
 
 def test_fp16_with_past_keeps_float32_inputs(exported, llama_source):
