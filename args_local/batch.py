@@ -13,9 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from .errors import ArgsLocalError, PromptError
+import click
 
-ROW_SETTINGS = {"top_k", "weight", "mode", "temperature", "seed", "max_tokens", "system", "stop"}
+from .core.errors import ArgsLocalError, PromptError, SettingsError
+from .core.jsonl import read_finished
+from .core.settings import ALIASES, Settings
+
+ROW_SETTINGS = set(ALIASES) - {"use_cache"}
 
 
 @dataclass
@@ -59,21 +63,9 @@ def read_rows(path: Path) -> list[Row]:
 
 
 def finished_indices(path: Path) -> set[int]:
-    """Indices already in an output file; a torn last line (killed mid-write) is cut off."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        with path.open("r+b") as f:
-            f.truncate(keep)
-    done = set()
-    for line in data[:keep].splitlines():
-        try:
-            done.add(int(json.loads(line)["index"]))
-        except (ValueError, KeyError, TypeError):
-            raise ArgsLocalError(f"{path} holds a line that is not a batch result; refusing to resume into it") from None
-    return done
+    """Indices already in an output file (see :func:`read_finished`)."""
+    rows = read_finished(path, lambda row: isinstance(row["index"], int), "a batch result")
+    return {row["index"] for row in rows}
 
 
 class ResultWriter:
@@ -93,3 +85,53 @@ class ResultWriter:
 
 def pending(rows: list[Row], done: set[int]) -> Iterator[Row]:
     return (r for r in rows if r.index not in done)
+
+
+def report(request, result, engine) -> dict[str, Any]:
+    """One result as ``--json`` and batch rows show it."""
+    return {
+        "prompt": request.prompt,
+        **result.as_dict(),
+        "settings": request.settings.as_dict(),
+        "model": str(engine.policy.path),
+        "reward_model": str(engine.reward.path) if engine.reward else None,
+    }
+
+
+def run_batch(batch: Path, out_path: Path | None, resume: bool, settings: Settings, models) -> None:
+    """Every row of ``batch``, in order, each result written as soon as it is finished."""
+    from .runtime.load import load_engine
+    from .runtime.memory import rss_mb
+
+    rows = read_rows(batch)
+    done = finished_indices(out_path) if resume and out_path else set()
+    if out_path and out_path.exists() and out_path.stat().st_size and not resume:
+        raise click.UsageError(f"{out_path} already holds results: pass --resume to continue it, or choose another -o")
+    todo = list(pending(rows, done))
+    click.echo(f"args-local: {len(rows)} rows, {len(done)} already done, {len(todo)} to run", err=True)
+    if not todo:
+        return
+    engine = load_engine(models)
+    failed = 0
+    with (out_path.open("a", encoding="utf-8") if out_path else _stdout()) as out:
+        writer = ResultWriter(out)
+        for n, row in enumerate(todo, 1):
+            try:
+                request = engine.request(row.prompt, settings.update(row.overrides))
+                record = {"index": row.index, **report(request, engine.generate(request), engine)}
+            except (SettingsError, PromptError, ArgsLocalError) as e:
+                failed += 1
+                record = {"index": row.index, "prompt": row.prompt, "error": str(e)}
+            writer.write(record)
+            done_what = "failed" if "error" in record else f"{record['tokens']} tokens, {record['elapsed_s']:.1f} s"
+            click.echo(f"args-local: [{n}/{len(todo)}] row {row.index}: {done_what}, RSS {rss_mb():.0f} MB", err=True)
+    if failed:
+        raise ArgsLocalError(f"{failed} of {len(todo)} rows failed; their errors are in the output")
+
+
+def _stdout():
+    """stdout as a context manager that is not closed on exit."""
+    import contextlib
+    import sys
+
+    return contextlib.nullcontext(sys.stdout)

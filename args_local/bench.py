@@ -13,9 +13,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .errors import ArgsLocalError
-from .generate import Engine, Request, Result
-from .search import SearchConfig
+from .core.errors import ArgsLocalError
+from .core.request import Request, Result
+from .core.settings import Settings
+from .runtime.engine import Engine
 
 LENGTHS = (32, 128, 512)
 
@@ -25,8 +26,7 @@ class Variant:
     """A way to decode; ``config`` None is llama.cpp's own greedy loop (Llama.generate)."""
 
     name: str
-    config: SearchConfig | None
-    use_cache: bool = True
+    settings: Settings | None
 
 
 @dataclass
@@ -37,24 +37,25 @@ class Timing:
     step_s: list[float] = field(default_factory=list)
 
 
-def variants(top_k: int, weight: float, full: bool) -> list[Variant]:
+def variants(args: Settings, full: bool) -> list[Variant]:
     """llama.cpp's own greedy decoding first (the reference for the ratios), then greedy
-    through args-local's loop (its overhead), then the ARGS variants."""
+    through args-local's loop (its overhead), then the ARGS variants of ``args``."""
+    k = args.top_k
     out = [
         Variant("llama.cpp greedy", None),
-        Variant("greedy", SearchConfig(top_k=1, weight=0.0)),
-        Variant(f"args-greedy k={top_k}", SearchConfig(top_k=top_k, weight=weight)),
-        Variant(f"args-sample k={top_k}", SearchConfig(top_k=top_k, weight=weight, mode="sample", seed=0)),
+        Variant("greedy", args.update(top_k=1, weight=0.0)),
+        Variant(f"args-greedy k={k}", args),
+        Variant(f"args-sample k={k}", args.update(mode="sample", seed=0)),
     ]
     if full:
-        out.append(Variant(f"args-greedy k={top_k} full re-scoring", SearchConfig(top_k=top_k, weight=weight), use_cache=False))
+        out.append(Variant(f"args-greedy k={k} full re-scoring", args.update(use_cache=False)))
     return out
 
 
 def time_run(engine: Engine, tokens: list[int], prompt: str, variant: Variant, n: int) -> Timing:
-    if variant.config is None:
+    if variant.settings is None:
         return time_llama_cpp(engine, tokens, n)
-    request = Request(prompt=prompt, tokens=tokens, config=variant.config, max_tokens=n, ignore_eos=True, use_cache=variant.use_cache)
+    request = Request(prompt, tokens, variant.settings.update(max_tokens=n, ignore_eos=True))
     timing = Timing(Result())
     last = time.perf_counter()
     for _ in engine.stream(request, timing.result):
@@ -67,6 +68,7 @@ def time_run(engine: Engine, tokens: list[int], prompt: str, variant: Variant, n
 def time_llama_cpp(engine: Engine, tokens: list[int], n: int) -> Timing:
     """n tokens of llama-cpp-python's own greedy sampler on the same context, EOS ignored."""
     timing = Timing(Result(prompt_tokens=len(tokens)))
+    engine.policy.forget_prompt()  # llama.cpp's own loop rewrites the cache behind the policy's back
     start = last = time.perf_counter()
     for _ in engine.policy.llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0):
         now = time.perf_counter()

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from .generate import Engine, Piece, Request, Result
-from .reward import RewardModel
-from .search import MODES, SearchConfig
+from .core.errors import ArgsLocalError
+from .core.request import Piece, Request, Result
+from .core.settings import ALIASES, Settings
+from .runtime.engine import Engine
+from .runtime.reward import RewardModel
 
 HELP = """Commands:
   /set k N          candidates per token (top-k)
@@ -24,6 +26,8 @@ HELP = """Commands:
   /set mode M       greedy or sample
   /set temp T       sampling temperature
   /set n N          most tokens per reply
+  /set NAME VALUE   any other setting: top_p, seed, stop, ...
+  /set              show the settings
   /set verbose      toggle per-reply timings and reward on stderr
   /reward PATH      switch to another reward model
   /system TEXT      set the system message (clears the conversation)
@@ -39,9 +43,7 @@ class ChatSession:
     """The conversation so far, as messages and as the token ids the policy has seen."""
 
     engine: Engine
-    config: SearchConfig
-    max_tokens: int = 512
-    system: str | None = None
+    settings: Settings
     verbose: bool = False
     messages: list[dict[str, str]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
@@ -51,19 +53,18 @@ class ChatSession:
         self.messages, self.tokens, self.rendered = [], [], ""
 
     def _all_messages(self) -> list[dict[str, str]]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        system = self.settings.system
+        return ([{"role": "system", "content": system}] if system else []) + self.messages
 
     def _prompt_tokens(self) -> list[int]:
         """Tokens for the next reply: the known history plus only the new turn's tokens."""
         policy = self.engine.policy
-        rendered = policy.render_chat(self._all_messages())
+        messages = self._all_messages()
+        rendered = policy.render_chat(messages)
         if self.tokens and rendered.startswith(self.rendered):
-            new = policy.tokenize(rendered[len(self.rendered) :], special=True)
-            if new and new[0] == policy.llm.token_bos():
-                new = new[1:]
-            tokens = self.tokens + new
+            tokens = self.tokens + policy.encode_chat(messages, skip_chars=len(self.rendered))
         else:
-            tokens = policy.tokenize(rendered, special=True)
+            tokens = policy.encode_chat(messages)
         self.rendered = rendered
         return tokens
 
@@ -72,10 +73,10 @@ class ChatSession:
         when the consumer stops early (Ctrl-C)."""
         self.messages.append({"role": "user", "content": text})
         tokens = self._prompt_tokens()
-        request = Request(prompt=text, tokens=tokens, config=self.config, max_tokens=self.max_tokens)
+        request = Request(prompt=text, tokens=tokens, settings=self.settings)
         generated: list[int] = []
         try:
-            for piece in self.engine.stream(request, result):
+            for piece in self.engine.stream(request, result, continues=True):
                 generated.append(piece.step.token)
                 yield piece
         finally:
@@ -95,7 +96,7 @@ class ChatSession:
             self.clear()
             return "conversation cleared"
         if name == "/system":
-            self.system = arg or None
+            self.settings = self.settings.update(system=arg or None)
             self.clear()
             return f"system message {'set' if arg else 'removed'}; conversation cleared"
         if name == "/reward":
@@ -109,24 +110,15 @@ class ChatSession:
 
     def _set(self, arg: str) -> str:
         key, _, value = arg.partition(" ")
-        value = value.strip()
+        if not key:
+            return ", ".join(f"{k} = {v!r}" for k, v in self.settings.as_dict().items())
         if key == "verbose":
             self.verbose = not self.verbose
             return f"verbose {'on' if self.verbose else 'off'}"
-        fields: dict[str, tuple[str, Callable[[str], object]]] = {
-            "k": ("top_k", int), "w": ("weight", float), "mode": ("mode", str), "temp": ("temperature", float),
-        }
-        if key == "n":
-            n = int(value)
-            if n < 1:
-                raise ValueError("n must be at least 1")
-            self.max_tokens = n
-            return f"n = {n}"
-        if key not in fields:
-            return f"/set takes k, w, mode ({'/'.join(MODES)}), temp, n or verbose; not {key!r}"
-        name, cast = fields[key]
-        self.config = replace(self.config, **{name: cast(value)})  # SearchConfig validates
-        return f"{key} = {getattr(self.config, name)}"
+        if key not in ALIASES:
+            return f"/set takes k, w, mode, temp, n, verbose or a setting ({', '.join(sorted(set(ALIASES.values())))}); not {key!r}"
+        self.settings = self.engine.resolve(self.settings.parse(key, value))  # checked in one place
+        return f"{key} = {getattr(self.settings, ALIASES[key])}"
 
 
 def read_message(prompt: Callable[[str], str], interactive: bool = True) -> str:
@@ -176,8 +168,6 @@ def _save_history(readline, path: Path) -> None:
 
 def repl(session: ChatSession, out=sys.stdout, err=sys.stderr) -> None:
     """The interactive loop: replies on stdout, notes and timings on stderr."""
-    from .errors import ArgsLocalError
-
     setup_readline()
     err.write("args-local chat: /help for commands, /bye or Ctrl-D to leave\n")
     while True:

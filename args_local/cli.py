@@ -17,9 +17,8 @@ from typing import Any, Callable
 
 import click
 
-from .errors import ArgsLocalError, PromptError
-
-from .search import SearchConfig  # pure numpy: the runtimes themselves are imported lazily
+from .core.errors import ArgsLocalError, PromptError, SettingsError
+from .core.settings import KNOBS, Settings  # pure: the runtimes themselves are imported lazily
 
 log = logging.getLogger("args_local")
 
@@ -35,7 +34,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except ArgsLocalError as e:
-            click.echo(f"args-local: error: {e}", err=True)
+            where = f"{'/'.join(FLAGS[e.setting])}: " if isinstance(e, SettingsError) and e.setting in FLAGS else ""
+            click.echo(f"args-local: error: {where}{e}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("\nargs-local: interrupted", err=True)
@@ -57,10 +57,39 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"must be a finite number, not {value}")
-    return value
+# Flags of each setting, named as in llama.cpp's CLI; types and bounds come from the settings.
+FLAGS: dict[str, tuple[str, ...]] = {
+    "top_k": ("-k", "--top-k"), "weight": ("-w", "--weight"), "mode": ("--mode",), "temperature": ("--temp",),
+    "top_p": ("--top-p",), "seed": ("--seed",), "max_tokens": ("-n", "--max-tokens"), "stop": ("--stop",),
+    "system": ("-s", "--system"), "raw": ("--raw",), "ignore_eos": ("--ignore-eos",), "use_cache": ("--no-cache",),
+}
+CLICK_TYPES = {int: int, float: float, str: str}
+
+
+def settings_options(*names: str, defaults: Settings = Settings()) -> Callable:
+    """Click options for these settings. Each one's value is checked by :class:`Settings`
+    (one message per bad value, wherever it comes from); the help shows the command's default."""
+    def decorate(f: Callable) -> Callable:
+        for name in reversed(names):
+            knob, flags = KNOBS[name], FLAGS[name]
+            default = getattr(defaults, name)
+            shown = f" [default: {default}]" if default not in (None, (), False, True) else ""
+            if knob.kind is bool:
+                help_text = "re-score whole sequences instead of using the reward model's KV cache" if name == "use_cache" else knob.help
+                f = click.option(*flags, name, is_flag=True, default=None, flag_value=name != "use_cache", help=help_text)(f)
+            elif knob.kind is tuple:
+                f = click.option(*flags, name, multiple=True, help=knob.help + " (repeatable)")(f)
+            else:
+                choice = click.Choice(knob.choices) if knob.choices else CLICK_TYPES[knob.kind]
+                f = click.option(*flags, name, type=choice, help=knob.help + shown)(f)
+        return f
+    return decorate
+
+
+def settings_from(opts: dict[str, Any], defaults: Settings = Settings()) -> Settings:
+    """The command's default settings with the flags that were given (popped from ``opts``)."""
+    given = {name: opts.pop(name) for name in list(opts) if name in KNOBS}
+    return defaults.update({k: v for k, v in given.items() if v is not None and v != ()})
 
 
 def model_options(f: Callable) -> Callable:
@@ -68,8 +97,8 @@ def model_options(f: Callable) -> Callable:
     options = [
         click.option("-m", "--model", type=click.Path(path_type=Path), help="GGUF policy model [default: SmolLM2-135M-Instruct]"),
         click.option("-r", "--reward-model", type=click.Path(path_type=Path), help="reward-model folder or .onnx file [default: the shipped sentiment model]"),
-        click.option("-c", "--ctx-size", type=click.IntRange(min=16), default=4096, show_default=True, help="context window of the policy, in tokens"),
-        click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
+        click.option("-c", "--ctx-size", type=int, default=4096, show_default=True, help="context window of the policy, in tokens"),
+        click.option("-t", "--threads", type=int, help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
         click.option("-ngl", "--gpu-layers", type=int, default=0, show_default=True, help="policy layers to offload to the GPU (-1: all); also puts the reward model on CUDA when available"),
         click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's and onnxruntime's logs and timings on stderr"),
     ]
@@ -78,64 +107,18 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
-def search_options(f: Callable) -> Callable:
-    """Flags of the ARGS search itself."""
-    options = [
-        click.option("-k", "--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="candidates scored per token"),
-        click.option("-w", "--weight", type=float, callback=_finite, help="reward weight w in logit + w * reward [default: the reward model's, else 1.5]"),
-        click.option("--mode", type=click.Choice(["greedy", "sample"]), default="greedy", show_default=True, help="argmax of the ARGS score, or sample from softmax(score / temp)"),
-        click.option("--temp", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True, help="temperature for --mode sample"),
-        click.option("--seed", type=int, help="random seed, for repeatable sampling"),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def models_from(opts: dict[str, Any]):
+    """The model flags (popped from ``opts``) as the runtime's ModelOptions."""
+    from .runtime.load import ModelOptions
+
+    logging.basicConfig(level=logging.WARNING, format="args-local: %(message)s", stream=sys.stderr)
+    return ModelOptions(**{k: opts.pop(k) for k in ("model", "reward_model", "ctx_size", "threads", "gpu_layers", "verbose")})
 
 
 @click.group(cls=Group)
 @click.version_option(package_name="args-local")
 def main() -> None:
     """ARGS: reward-guided decoding of a local GGUF model, with an ONNX reward model."""
-
-
-def load_engine(opts: dict[str, Any], with_reward: bool = True):
-    """The policy and reward model named by the flags (the embedded defaults otherwise)."""
-    from . import policy as policy_mod
-    from .generate import Engine
-    from .models import default_policy, default_reward
-    from .reward import RewardModel
-
-    verbose = opts["verbose"]
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="args-local: %(message)s", stream=sys.stderr)
-    policy_mod.set_verbose(verbose)
-    if not verbose:
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(3)
-    policy = policy_mod.LlamaPolicy(
-        opts["model"] or default_policy(),
-        n_ctx=opts["ctx_size"],
-        n_threads=opts["threads"],
-        n_gpu_layers=opts["gpu_layers"],
-        seed=opts.get("seed"),
-    )
-    reward = None
-    if with_reward:
-        reward = RewardModel(opts["reward_model"] or default_reward(), threads=opts["threads"], gpu=opts["gpu_layers"] != 0)
-    return Engine(policy, reward)
-
-
-def weight_of(opts: dict[str, Any], engine) -> float:
-    """-w, else the weight the reward model's manifest suggests, else the reference's 1.5."""
-    if opts["weight"] is not None:
-        return opts["weight"]
-    return engine.reward.manifest.suggested_weight if engine.reward else SearchConfig.weight
-
-
-def search_config(opts: dict[str, Any], engine) -> "SearchConfig":
-    if opts["top_k"] > engine.policy.n_vocab:
-        raise click.BadParameter(f"{opts['top_k']} is more than the vocabulary ({engine.policy.n_vocab})", param_hint="-k/--top-k")
-    return SearchConfig(top_k=opts["top_k"], weight=weight_of(opts, engine), mode=opts["mode"], temperature=opts["temp"], seed=opts["seed"])
 
 
 def read_stdin() -> str:
@@ -149,152 +132,97 @@ def read_stdin() -> str:
         raise PromptError(f"stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
+GENERATE = Settings()
+SEARCH = ("top_k", "weight", "mode", "temperature", "top_p", "seed")
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @model_options
-@search_options
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="most tokens to generate")
-@click.option("-s", "--system", help="system message for the chat template")
-@click.option("--raw", is_flag=True, help="send the prompt as it is, without the chat template")
-@click.option("--stop", multiple=True, help="stop when this string appears (repeatable)")
-@click.option("--ignore-eos", is_flag=True, help="always generate -n tokens (for benchmarks)")
-@click.option("--no-cache", is_flag=True, help="re-score whole sequences instead of using the reward model's KV cache")
+@settings_options(*SEARCH, "max_tokens", "system", "raw", "stop", "ignore_eos", "use_cache", defaults=GENERATE)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
 @click.option("--batch", type=click.Path(path_type=Path, dir_okay=False), help="prompts file: one per line, or JSONL with \"prompt\" and per-row settings")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="with --batch: JSONL results file [default: stdout]")
 @click.option("--resume", is_flag=True, help="with --batch -o: skip the rows already in the output file")
-def generate(prompt: str | None, **opts: Any) -> None:
+def generate(prompt: str | None, as_json: bool, batch: Path | None, output: Path | None, resume: bool, **opts: Any) -> None:
     """Generate a reply to PROMPT (or to all of stdin) under ARGS decoding."""
-    from .generate import Result
-
-    if opts["batch"]:
+    settings = settings_from(opts, GENERATE)
+    models = models_from(opts)
+    if batch:
         if prompt is not None:
             raise click.UsageError("give either a PROMPT or --batch, not both")
-        return run_batch(opts)
-    if opts["output"] or opts["resume"]:
+        from .batch import run_batch
+
+        return run_batch(batch, output, resume, settings, models)
+    if output or resume:
         raise click.UsageError("-o/--output and --resume go with --batch")
     if prompt is None:
         prompt = read_stdin()
-    engine = load_engine(opts)
-    request = make_request(engine, opts, prompt)
+    from .batch import report
+    from .core.request import Result
+    from .runtime.load import load_engine
+
+    engine = load_engine(models)
+    request = engine.request(prompt, settings)
     result = Result()
     for piece in engine.stream(request, result):
-        if not opts["as_json"] and piece.text:
+        if not as_json and piece.text:
             sys.stdout.write(piece.text)
             sys.stdout.flush()
-    if opts["as_json"]:
-        click.echo(json.dumps(_report(prompt, request, result, engine), ensure_ascii=False))
+    if as_json:
+        click.echo(json.dumps(report(request, result, engine), ensure_ascii=False))
     else:
         click.echo()
-    if opts["verbose"]:
+    if models.verbose:
         _log_timings(result)
-
-
-def make_request(engine, opts: dict[str, Any], prompt: str, row: dict[str, Any] | None = None):
-    """A request from the flags, with a batch row's own settings taking precedence."""
-    from .generate import Request
-
-    o = {**opts, **{("temp" if k == "temperature" else k): v for k, v in (row or {}).items()}}
-    stop = o["stop"]
-    config = search_config(o, engine)
-    if not isinstance(o["max_tokens"], int) or o["max_tokens"] < 1:
-        raise ValueError(f"max_tokens must be a positive integer, got {o['max_tokens']!r}")
-    return Request(
-        prompt=prompt,
-        tokens=engine.encode(prompt, o["system"], o["raw"]),
-        config=config,
-        max_tokens=o["max_tokens"],
-        ignore_eos=o["ignore_eos"],
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        use_cache=not o["no_cache"],
-    )
-
-
-def run_batch(opts: dict[str, Any]) -> None:
-    """Every row of --batch, in order, each result written as soon as it is finished."""
-    from . import batch
-    from .generate import Result
-    from .memory import rss_mb
-
-    rows = batch.read_rows(opts["batch"])
-    out_path = opts["output"]
-    done = batch.finished_indices(out_path) if opts["resume"] and out_path else set()
-    if out_path and out_path.exists() and out_path.stat().st_size and not opts["resume"]:
-        raise click.UsageError(f"{out_path} already holds results: pass --resume to continue it, or choose another -o")
-    todo = list(batch.pending(rows, done))
-    click.echo(f"args-local: {len(rows)} rows, {len(done)} already done, {len(todo)} to run", err=True)
-    if not todo:
-        return
-    engine = load_engine(opts)
-    failed = 0
-    with (out_path.open("a", encoding="utf-8") if out_path else _stdout()) as out:
-        writer = batch.ResultWriter(out)
-        for n, row in enumerate(todo, 1):
-            try:
-                request = make_request(engine, opts, row.prompt, row.overrides)
-                result = Result()
-                for _ in engine.stream(request, result):
-                    pass
-                record = {"index": row.index, **_report(row.prompt, request, result, engine)}
-            except (ValueError, TypeError, ArgsLocalError, click.BadParameter) as e:
-                failed += 1
-                record = {"index": row.index, "prompt": row.prompt, "error": str(e)}
-            writer.write(record)
-            done_what = "failed" if "error" in record else f"{record['tokens']} tokens, {record['elapsed_s']:.1f} s"
-            click.echo(f"args-local: [{n}/{len(todo)}] row {row.index}: {done_what}, RSS {rss_mb():.0f} MB", err=True)
-    if failed:
-        raise ArgsLocalError(f"{failed} of {len(todo)} rows failed; their errors are in the output")
-
-
-def _stdout():
-    """stdout as a context manager that is not closed on exit."""
-    import contextlib
-
-    return contextlib.nullcontext(sys.stdout)
 
 
 @main.command()
 @model_options
 @click.option("-k", "--top-k", type=click.IntRange(min=2), default=10, show_default=True, help="candidates scored per token")
-@click.option("-w", "--weight", type=float, callback=_finite, help="reward weight [default: the reward model's]")
+@click.option("-w", "--weight", type=float, help="reward weight [default: the reward model's]")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=16), default=128, show_default=True, help="tokens per run (always generated: EOS is ignored)")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="alternating rounds; the table shows medians")
 @click.option("--full", is_flag=True, help="also time full re-scoring without the reward model's KV cache (slow at long lengths)")
 @click.option("-p", "--prompt", default="Tell me about your weekend.", show_default=True)
-def bench(**opts: Any) -> None:
+def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full: bool, prompt: str, **opts: Any) -> None:
     """Time greedy decoding and ARGS on the same policy, in alternation; print a Markdown table."""
     from . import bench as b
-    from .memory import peak_rss_mb
+    from .runtime.load import load_engine
+    from .runtime.memory import peak_rss_mb
 
-    engine = load_engine(opts)
-    weight = weight_of(opts, engine)
+    engine = load_engine(models_from(opts))
+    settings = engine.resolve(Settings(top_k=top_k, weight=weight, max_tokens=max_tokens, ignore_eos=True))
     rows = b.bench(
-        engine, opts["prompt"], b.variants(opts["top_k"], weight, opts["full"]), opts["max_tokens"], opts["repeats"],
+        engine, prompt, b.variants(settings, full), max_tokens, repeats,
         progress=lambda msg: click.echo(f"args-local: {msg}", err=True),
     )
-    click.echo(f"policy {engine.policy.path.name}, reward {engine.reward.manifest.name}, w = {weight}, "
-               f"{opts['max_tokens']} tokens, median of {opts['repeats']} runs\n")
+    click.echo(f"policy {engine.policy.path.name}, reward {engine.reward.manifest.name}, w = {settings.weight}, "
+               f"{max_tokens} tokens, median of {repeats} runs\n")
     click.echo(b.table(rows))
     ratios = b.growth(rows)
     if ratios:
         click.echo("\n" + "\n".join(ratios))
     click.echo(f"\npeak memory of this benchmark process: {peak_rss_mb():.0f} MB")
-    first, peak = b.cold_start([opts["prompt"], "-n", "16"])
+    first, peak = b.cold_start([prompt, "-n", "16"])
     click.echo(f"default `args-local generate`: first token {first:.2f} s after launch, peak memory {peak:.0f} MB")
+
+
+CHAT = Settings(max_tokens=512)
 
 
 @main.command()
 @model_options
-@search_options
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="most tokens per reply")
-@click.option("-s", "--system", help="system message")
+@settings_options(*SEARCH, "max_tokens", "system", defaults=CHAT)
 def chat(**opts: Any) -> None:
     """Chat in the terminal under ARGS decoding; /help lists the commands."""
     from .chat import ChatSession, repl
+    from .runtime.load import load_engine
 
-    engine = load_engine(opts)
-    session = ChatSession(engine, search_config(opts, engine), max_tokens=opts["max_tokens"], system=opts["system"], verbose=opts["verbose"])
-    repl(session)
+    settings = settings_from(opts, CHAT)
+    models = models_from(opts)
+    engine = load_engine(models)
+    repl(ChatSession(engine, engine.resolve(settings), verbose=models.verbose))
 
 
 @main.command("eval")
@@ -316,11 +244,13 @@ def chat(**opts: Any) -> None:
 @click.option("--ignore-eos", is_flag=True, help="always generate -n tokens")
 @click.option("--limit", type=click.IntRange(min=1), help="only the first N prompts")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
-def eval_cmd(prompts_file: Path, **opts: Any) -> None:
+def eval_cmd(prompts_file: Path, output: Path | None, limit: int | None, no_plots: bool, **opts: Any) -> None:
     """Compare ARGS with greedy, top-k, nucleus and best-of-N on PROMPTS_FILE, scored by held-out judges."""
-    from . import evaluate
+    from .eval import command
 
-    click.echo(evaluate.command(prompts_file, opts, load_engine, lambda msg: click.echo(f"args-local: {msg}", err=True)))
+    models = models_from(opts)
+    plan = {"temperature": opts.pop("temp"), "sample_temperature": opts.pop("sample_temp"), **opts}
+    click.echo(command(prompts_file, plan, models, output, limit, not no_plots, lambda msg: click.echo(f"args-local: {msg}", err=True)))
 
 
 @main.command("export")
@@ -337,7 +267,7 @@ def export_cmd(source: str, out_dir: Path, with_past: bool, past_layout: str, qu
 
     Needs the `export` extra (torch, transformers, optimum-onnx); the runtime never imports them.
     """
-    from .export import export_reward_model
+    from .tooling.export import export_reward_model
 
     export_reward_model(source, out_dir, with_past=with_past, quantize=quantize, dtype=dtype, verbose=verbose,
                         input_format=input_format, past_layout=past_layout, log=lambda msg: click.echo(f"args-local: {msg}", err=True))
@@ -353,25 +283,10 @@ def info(path: Path) -> None:
         click.echo(f"{key}: {value}")
 
 
-def _report(prompt: str, request, result, engine) -> dict[str, Any]:
-    c = request.config
-    return {
-        "prompt": prompt,
-        **result.as_dict(),
-        "settings": {
-            "top_k": c.top_k, "weight": c.weight, "mode": c.mode, "temperature": c.temperature,
-            "seed": c.seed, "max_tokens": request.max_tokens, "ignore_eos": request.ignore_eos,
-            "stop": list(request.stop), "kv_cache": request.use_cache,
-        },
-        "model": str(engine.policy.path),
-        "reward_model": str(engine.reward.path) if engine.reward else None,
-    }
-
-
 def _log_timings(result) -> None:
     tps = result.tokens / result.elapsed_s if result.elapsed_s else 0.0
     mean = f"{result.mean_reward:.3f}" if result.mean_reward is not None else "n/a"
-    from .memory import peak_rss_mb
+    from .runtime.memory import peak_rss_mb
 
     log.info(
         "%d tokens in %.2f s (%.1f tokens/s), first token %.2f s; reward model: %d calls, %.2f s; mean reward %s; "

@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import ModelError
+from .core.errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -228,21 +228,22 @@ def describe_gguf(path: Path) -> list[tuple[str, str]]:
 
 
 def describe_reward(path: Path) -> list[tuple[str, str]]:
-    from . import reward as rw
+    from .core.manifest import FILENAME, Manifest, read_manifest
+    from .runtime import reward as rw
 
     onnx_file, folder = rw.resolve_folder(path)
-    manifest = rw.read_manifest(folder, onnx_file)
+    manifest = read_manifest(folder) or Manifest(name=onnx_file.stem)
     lines: list[tuple[str, str]] = [
         ("path", str(path)),
         ("format", "ONNX reward model" + (" folder" if path.is_dir() else " file")),
     ]
-    manifest_file = folder / rw.MANIFEST
+    manifest_file = folder / FILENAME
     lines.append(("manifest", str(manifest_file) if manifest_file.exists() else "none (defaults: the response alone, the first output)"))
     lines.append(("name", manifest.name))
     lines.append(("input", f"{manifest.input}, format {manifest.format}"))
     if manifest.template:
         lines.append(("template", json.dumps(manifest.template, ensure_ascii=False)))
-    caches = {True: "yes, a past per row (scored incrementally)", "shared": "yes, one past shared by all candidates (scored incrementally)"}
+    caches = {"per-row": "yes, a past per row (scored incrementally)", "shared": "yes, one past shared by all candidates (scored incrementally)"}
     lines.append(("kv cache", caches.get(manifest.kv_cache, "no")))
     if manifest.bos_token_id is not None:
         lines.append(("bos token id", str(manifest.bos_token_id)))

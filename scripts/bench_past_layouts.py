@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import transformers as tf
 
-from args_local.export import export_reward_model
-from args_local.models import default_reward
-from args_local.reward import CachedScorer, RewardModel
+from args_local.tooling.export import export_reward_model
+from args_local.runtime.models import default_reward
+from args_local.runtime.caches import CachedScorer
+from args_local.runtime.reward import RewardModel
 
 LENGTHS = (32, 128, 512)
 WINDOW = 16

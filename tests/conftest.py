@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from args_local.models import default_policy, default_reward
+from args_local.runtime.models import default_policy, default_reward
 
 
 @pytest.fixture(scope="session")
@@ -26,14 +26,14 @@ def reward_path() -> Path:
 
 @pytest.fixture(scope="session")
 def policy(policy_path):
-    from args_local.policy import LlamaPolicy
+    from args_local.runtime.policy import LlamaPolicy
 
     return LlamaPolicy(policy_path, n_ctx=2048)
 
 
 @pytest.fixture(scope="session")
 def reward(reward_path):
-    from args_local.reward import RewardModel
+    from args_local.runtime.reward import RewardModel
 
     return RewardModel(reward_path)
 

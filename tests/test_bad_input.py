@@ -82,7 +82,7 @@ def test_corrupt_reward_model(tmp_path):
 
 def minilm_tokenizer():
     """A real tokenizer of another model: all-MiniLM-L6-v2's WordPiece, shipped for eval."""
-    from args_local.models import models_dir
+    from args_local.runtime.models import models_dir
 
     return models_dir() / "all-minilm-l6-v2" / "tokenizer.json"
 

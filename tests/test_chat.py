@@ -9,12 +9,13 @@ import pexpect
 import pytest
 
 from args_local.chat import ChatSession
-from args_local.generate import Engine, Result
-from args_local.search import SearchConfig
+from args_local.core.request import Result
+from args_local.core.settings import Settings
+from args_local.runtime.engine import Engine
 
 
 def test_second_turn_evaluates_only_the_new_tokens(policy, reward):
-    session = ChatSession(Engine(policy, reward), SearchConfig(top_k=4, weight=2.0), max_tokens=16)
+    session = ChatSession(Engine(policy, reward), Settings(top_k=4, weight=2.0, max_tokens=16))
     first = Result()
     list(session.reply("Hello! My name is Ann.", first))
     before = policy.evaluated
@@ -30,12 +31,12 @@ def test_second_turn_evaluates_only_the_new_tokens(policy, reward):
 
 
 def test_set_commands_change_the_next_reply_settings(policy, reward):
-    session = ChatSession(Engine(policy, reward), SearchConfig())
+    session = ChatSession(Engine(policy, reward), Settings(weight=1.5))
     assert session.command("/set k 20") == "k = 20"
     assert session.command("/set w 2.5") == "w = 2.5"
     assert session.command("/set mode sample") == "mode = sample"
     assert session.command("/set temp 0.8") == "temp = 0.8"
-    assert session.config == SearchConfig(top_k=20, weight=2.5, mode="sample", temperature=0.8)
+    assert session.settings == Settings(top_k=20, weight=2.5, mode="sample", temperature=0.8)
     with pytest.raises(ValueError):
         session.command("/set k 0")
     assert session.command("/bye") is None

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from args_local import evaluate as ev
+from args_local import eval as ev
 from conftest import cli
 
 # -- diversity ------------------------------------------------------------------------

@@ -26,8 +26,9 @@ import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
-from args_local.export import SAMPLES, TOLERANCE, ExportError, check_parity, export_reward_model  # noqa: E402
-from args_local.reward import CachedScorer, CausalFullScorer, RewardModel, Sequences  # noqa: E402
+from args_local.tooling.export import SAMPLES, TOLERANCE, ExportError, check_parity, export_reward_model  # noqa: E402
+from args_local.runtime.caches import CachedScorer, CausalFullScorer, Sequences, make_scorer  # noqa: E402
+from args_local.runtime.reward import RewardModel  # noqa: E402
 from conftest import cli  # noqa: E402
 
 torch.set_num_threads(2)
@@ -340,12 +341,12 @@ def cached_export(request, exported):
 def test_with_past_graph_has_the_cache_contract(cached_export):
     import onnxruntime as ort
 
-    from args_local.reward import padded_bias
+    from args_local.core.contract import padded_bias
 
     name, source, out, report = cached_export
     shared = report["past_layout"] == "shared"
     m = manifest_of(out)
-    assert m["kv_cache"] == ("shared" if shared else True) and m["format"] == "response" and m["output"] == "logits"
+    assert m["kv_cache"] == ("shared" if shared else "per-row") and m["format"] == "response" and m["output"] == "logits"
     session = ort.InferenceSession(str(out / "model.onnx"))
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
@@ -431,7 +432,7 @@ def test_architecture_without_the_attention_interface_falls_back_to_a_past_per_r
     ))
     lines: list[str] = []
     report = export_reward_model(str(save(tmp_path / "gptj", model, tok)), tmp_path / "out", with_past=True, log=lines.append)
-    assert report["past_layout"] == "per-row" and manifest_of(tmp_path / "out")["kv_cache"] is True
+    assert report["past_layout"] == "per-row" and manifest_of(tmp_path / "out")["kv_cache"] == "per-row"
     assert any("cannot read a shared past (it does not go through transformers' attention interface)" in line for line in lines)
     assert report["incremental_max_abs_diff"] < 1e-4 and report["max_abs_diff"] < 1e-4
 
@@ -453,7 +454,7 @@ def test_generate_with_the_kv_cache_equals_no_cache(exported, llama_source, poli
     out, _, _ = exported(llama_source, with_past=True)
     reward = RewardModel(out)
     assert reward.shares_vocab(policy.vocab_texts())
-    assert isinstance(reward.scorer("hi", policy.token_bytes, policy.vocab_texts), CachedScorer)
+    assert isinstance(make_scorer(reward, "hi", policy.token_bytes, policy.vocab_texts), CachedScorer)
     runs = {}
     for name, extra in (("cache", ()), ("no-cache", ("--no-cache",)), ("unguided", ("-w", "0"))):
         run = cli("generate", "Tell me about your weekend.", "-r", str(out), "-n", "16", "-w", "3", "--json", *extra)
@@ -590,7 +591,7 @@ def test_weights_above_the_protobuf_limit_travel_as_external_data(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from args_local.export import _finish_onnx, _import_dependencies
+    from args_local.tooling.export import _finish_onnx, _import_dependencies
 
     weight = np.arange(12, dtype=np.float32).reshape(4, 3)
     graph = helper.make_graph(

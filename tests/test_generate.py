@@ -8,15 +8,16 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from args_local.generate import Engine, Request, Result
-from args_local.search import SearchConfig
+from args_local.core.request import Request, Result
+from args_local.core.settings import Settings
+from args_local.runtime.engine import Engine
 from conftest import cli
 
 PROMPTS = ["Tell me about your weekend.", "How was the movie you saw yesterday?", "Describe your neighbour."]
 
 
 def decode(engine: Engine, prompt: str, n: int = 24, **config) -> tuple[list[int], Result]:
-    request = Request(prompt=prompt, tokens=engine.encode(prompt), config=SearchConfig(**config), max_tokens=n)
+    request = Request(prompt=prompt, tokens=engine.encode(prompt), settings=Settings(**config, max_tokens=n))
     result = Result()
     tokens = [p.step.token for p in engine.stream(request, result)]
     return tokens, result
@@ -65,10 +66,10 @@ def test_args_raises_the_reward_of_responses(policy, reward):
 
 def test_kv_cached_scoring_picks_the_same_tokens_as_full_rescoring(policy, reward):
     engine = Engine(policy, reward)
-    config = SearchConfig(top_k=10, weight=5.0)
+    config = Settings(top_k=10, weight=5.0, max_tokens=40)
     runs = []
     for use_cache in (True, False):
-        request = Request(prompt=PROMPTS[1], tokens=engine.encode(PROMPTS[1]), config=config, max_tokens=40, use_cache=use_cache)
+        request = Request(prompt=PROMPTS[1], tokens=engine.encode(PROMPTS[1]), settings=config.update(use_cache=use_cache))
         steps = [p.step for p in engine.stream(request, Result())]
         runs.append(steps)
     cached, full = runs
@@ -82,7 +83,7 @@ def test_cached_scorer_matches_full_scores_step_by_step(policy, reward, bridge):
     """Shared vocabulary (ids straight from the policy) and bridged through text (the
     reward tokenizer re-reads the response): the cache must not change a reward. The response
     is longer than the cache's first allocation (64 tokens), so the cache also grows."""
-    from args_local.reward import CachedScorer, CausalFullScorer, Sequences
+    from args_local.runtime.caches import CachedScorer, CausalFullScorer, Sequences
 
     text = " I really enjoyed the sunny walk, thanks for asking! 👋 Ok." * 5
     response = policy.tokenize(text, special=False)
@@ -104,7 +105,7 @@ def test_reward_model_scores_sentiment_sensibly(reward):
 
 
 def test_string_input_reward_model(hatesonar_reward, policy):
-    from args_local.reward import RewardModel
+    from args_local.runtime.reward import RewardModel
 
     model = RewardModel(hatesonar_reward)
     clean, rude = model.score_texts(["", ""], ["Thank you, that is very kind.", "shut up you stupid bitch"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from args_local.errors import ModelError
+from args_local.core.errors import ModelError
 from args_local.info import _io_lines, describe, read_gguf
 from conftest import cli
 

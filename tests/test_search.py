@@ -9,13 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from args_local.errors import RewardError
-from args_local.search import SearchConfig, args_search, choose, contenders, top_k
+from args_local.core.errors import RewardError
+from args_local.core.search import args_search, choose, contenders, top_k
+from args_local.core.settings import Settings
 from fakes import FnScorer, TablePolicy
 
 
 def run(policy, scorer, n=20, **config) -> list[int]:
-    return [s.token for s in args_search(policy, scorer, SearchConfig(**config), n)]
+    return [s.token for s in args_search(policy, scorer, Settings(**{"weight": 1.5, **config}), n)]
 
 
 def test_top_k_orders_best_first_and_breaks_ties_by_lower_id():
@@ -34,7 +35,7 @@ def test_weight_zero_and_k_one_are_greedy():
 def test_a_strongly_favoured_candidate_wins():
     policy = TablePolicy()
     favoured = int(top_k(policy.logits(), 10)[0][7])  # 8th most likely first token
-    steps = list(args_search(policy, FnScorer(lambda r, t: 100.0 if t == favoured else 0.0), SearchConfig(top_k=10, weight=1.0), 1))
+    steps = list(args_search(policy, FnScorer(lambda r, t: 100.0 if t == favoured else 0.0), Settings(top_k=10, weight=1.0), 1))
     assert steps[0].token == favoured
     assert steps[0].reward == 100.0
     assert math.isclose(steps[0].score, steps[0].logit + 100.0)
@@ -44,7 +45,7 @@ def test_score_is_logit_plus_weighted_reward_argmax():
     policy = TablePolicy(seed=3)
     ids, logits = top_k(policy.logits(), 5)
     rewards = {int(t): float(i) for i, t in enumerate(ids)}  # later candidates get more reward
-    step = next(args_search(policy, FnScorer(lambda r, t: rewards[t]), SearchConfig(top_k=5, weight=2.0), 1))
+    step = next(args_search(policy, FnScorer(lambda r, t: rewards[t]), Settings(top_k=5, weight=2.0), 1))
     scores = logits + 2.0 * np.arange(5)
     assert step.token == int(ids[int(np.argmax(scores))])
 
@@ -62,7 +63,7 @@ def test_eog_stops_unless_ignored():
     policy = TablePolicy(seed=1)
     first = int(np.argmax(policy.logits()))
     assert run(TablePolicy(seed=1, eog=first), None, n=5, weight=0.0) == []
-    steps = list(args_search(TablePolicy(seed=1, eog=first), None, SearchConfig(weight=0.0), 5, ignore_eos=True))
+    steps = list(args_search(TablePolicy(seed=1, eog=first), None, Settings(weight=0.0, ignore_eos=True), 5))
     assert len(steps) == 5 and steps[0].token == first
 
 
@@ -85,10 +86,10 @@ def test_skipping_never_changes_greedy_choices(weight, saves):
 def test_non_finite_rewards_drop_the_candidate():
     policy = TablePolicy(seed=4)
     top = int(top_k(policy.logits(), 3)[0][0])
-    step = next(args_search(policy, FnScorer(lambda r, t: math.nan if t == top else 0.0), SearchConfig(top_k=3, weight=1.0), 1))
+    step = next(args_search(policy, FnScorer(lambda r, t: math.nan if t == top else 0.0), Settings(top_k=3, weight=1.0), 1))
     assert step.token != top
     with pytest.raises(RewardError):
-        next(args_search(TablePolicy(seed=4), FnScorer(lambda r, t: math.inf), SearchConfig(top_k=3, weight=1.0), 1))
+        next(args_search(TablePolicy(seed=4), FnScorer(lambda r, t: math.inf), Settings(top_k=3, weight=1.0), 1))
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
@@ -101,7 +102,7 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
 @pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(weight=math.nan), dict(weight=math.inf), dict(mode="beam"), dict(mode="sample", temperature=-1.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
-        SearchConfig(**bad)
+        Settings(**bad)
 
 
 # -- properties ------------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_properties_of_greedy_search(seed, k, weight, reward_seed, nan_share):
 
     policy = TablePolicy(seed=seed)
     try:
-        steps = list(args_search(policy, FnScorer(reward, bounds=None), SearchConfig(top_k=k, weight=weight), 8))
+        steps = list(args_search(policy, FnScorer(reward, bounds=None), Settings(top_k=k, weight=weight), 8))
     except RewardError:
         return  # every candidate NaN at some step: refused, never chosen
     replay = TablePolicy(seed=seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 
-from args_local.generate import StopFilter
+from args_local.core.text import StopFilter
 
 
 def feed_all(stops, pieces):

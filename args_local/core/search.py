@@ -11,17 +11,15 @@ reused by generate, chat, eval and bench, which all consume :func:`args_search`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from .errors import RewardError
 
-Mode = Literal["greedy", "sample"]
-MODES: tuple[str, ...] = ("greedy", "sample")
-
+if TYPE_CHECKING:
+    from .settings import Mode, Settings
 
 class Policy(Protocol):
     """A language model positioned after a prompt; only the last position's logits matter."""
@@ -50,30 +48,6 @@ class Scorer(Protocol):
 
     def advance(self, token: int) -> None:
         """Append the chosen token to the response the scorer tracks."""
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Knobs of the search; the defaults are the reference implementation's."""
-
-    top_k: int = 10
-    weight: float = 1.5
-    mode: Mode = "greedy"
-    temperature: float = 0.7
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ValueError(f"top-k must be at least 1, got {self.top_k}")
-        if not math.isfinite(self.weight):
-            raise ValueError(f"weight must be a finite number, got {self.weight}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.mode == "sample" and not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(frozen=True)
@@ -122,8 +96,9 @@ def choose(scores: np.ndarray, mode: Mode, temperature: float, rng: np.random.Ge
     """
     if mode == "greedy":
         return int(np.argmax(scores))
-    z = scores / temperature
-    p = np.exp(z - z.max())
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf: fine
+        z = (scores - scores.max()) / temperature
+    p = np.exp(z)
     p /= p.sum()
     if top_p < 1.0:
         order = np.argsort(-p, kind="stable")
@@ -137,36 +112,38 @@ def choose(scores: np.ndarray, mode: Mode, temperature: float, rng: np.random.Ge
 def args_search(
     policy: Policy,
     scorer: Scorer | None,
-    config: SearchConfig,
+    settings: "Settings",
     max_tokens: int,
-    ignore_eos: bool = False,
 ) -> Iterator[Step]:
-    """Yield up to ``max_tokens`` ARGS decisions, stopping at end-of-generation.
+    """Yield up to ``max_tokens`` ARGS decisions, stopping at end-of-generation unless
+    ``settings.ignore_eos``. ``settings.weight`` must be set (the engine fills in the reward
+    model's suggestion).
 
     Each step is yielded before the policy evaluates it, so a consumer that stops
     (a stop string, Ctrl-C) wastes no decode. A candidate whose reward is NaN or
     infinite is dropped from that step; if every candidate is dropped the search
     stops with :class:`RewardError`, since no choice would be reward-guided.
     """
-    rng = np.random.default_rng(config.seed)
-    guided = scorer is not None and config.weight != 0 and config.top_k > 1
+    assert settings.weight is not None, "the weight is resolved before the search"
+    rng = np.random.default_rng(settings.seed)
+    guided = scorer is not None and settings.weight != 0 and settings.top_k > 1
     for _ in range(max_tokens):
-        ids, logits = top_k(policy.logits(), config.top_k)
+        ids, logits = top_k(policy.logits(), settings.top_k)
         rewards = np.full(ids.shape[0], np.nan)
         live = np.ones(ids.shape[0], dtype=bool)
         if guided:
-            if config.mode == "greedy":
-                live = contenders(logits, config.weight, scorer.bounds)
+            if settings.mode == "greedy":
+                live = contenders(logits, settings.weight, scorer.bounds)
             if live.sum() > 1:
                 rewards[live] = scorer.score(ids[live].tolist())
                 usable = np.isfinite(rewards)
                 if not usable[live].any():
                     raise RewardError("the reward model returned NaN or infinity for every candidate")
                 live &= usable
-        scores = np.where(live, logits + config.weight * np.nan_to_num(rewards, nan=0.0), -np.inf)
-        i = choose(scores, config.mode, config.temperature, rng, config.top_p)
+        scores = np.where(live, logits + settings.weight * np.nan_to_num(rewards, nan=0.0), -np.inf)
+        i = choose(scores, settings.mode, settings.temperature, rng, settings.top_p)
         token = int(ids[i])
-        if not ignore_eos and policy.is_eog(token):
+        if not settings.ignore_eos and policy.is_eog(token):
             return
         reward = float(rewards[i]) if np.isfinite(rewards[i]) else None
         yield Step(token, float(logits[i]), reward, float(scores[i]), int(np.isfinite(rewards).sum()))

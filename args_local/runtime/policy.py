@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +23,7 @@ import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
-from .errors import ModelError, PromptError  # noqa: E402
+from ..core.errors import ModelError, PromptError  # noqa: E402
 
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=20)
@@ -107,6 +108,7 @@ class LlamaPolicy:
         self.n_ctx = self.llm.n_ctx()
         self.evaluated = 0  # tokens run through the model since load: shows cache reuse
         self._logits: np.ndarray | None = None
+        self._prompt_end: tuple[int, np.ndarray] | None = None  # (length, logits) of the last whole prompt
         self._piece_buf = ctypes.create_string_buffer(64)
         self._formatter: Jinja2ChatFormatter | None = None
 
@@ -118,6 +120,36 @@ class LlamaPolicy:
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The conversation in the model's own chat template, ready for the assistant's turn."""
+        return "".join(text for text, _ in self.chat_segments(messages))
+
+    def chat_segments(self, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The rendered conversation as ``(text, is_template)`` runs. The template's own text may
+        hold control tokens (``<|im_start|>``); the messages' contents are the user's and are
+        tokenized as plain text, so typing ``<|im_end|>`` cannot forge a turn. Each content is
+        rendered as a placeholder first and put back after rendering."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        stand_ins = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+        rendered = self._render(stand_ins)
+        by_mark = {mark: m["content"] for mark, m in zip(marks, messages)}
+        segments: list[tuple[str, bool]] = []
+        for i, part in enumerate(re.split("(\ue000\\d+\ue001)", rendered)):
+            if part:
+                segments.append((by_mark[part], False) if i % 2 else (part, True))
+        return segments
+
+    def encode_chat(self, messages: Sequence[dict[str, str]], skip_chars: int = 0) -> list[int]:
+        """Token ids of the conversation in the chat template (see :meth:`chat_segments`), from
+        character ``skip_chars`` of its rendering on (a chat's new turn after its history)."""
+        whole, ids = skip_chars == 0, []
+        for text, special in self.chat_segments(messages):
+            if skip_chars >= len(text):
+                skip_chars -= len(text)
+                continue
+            ids += self.llm.tokenize(text[skip_chars:].encode("utf-8"), add_bos=False, special=special)
+            skip_chars = 0
+        return self._with_bos(ids) if whole else ids
+
+    def _render(self, messages: Sequence[dict[str, str]]) -> str:
         if self._formatter is None:
             template = self.chat_template
             if not template:
@@ -130,9 +162,12 @@ class LlamaPolicy:
         return self._formatter(messages=list(messages)).prompt
 
     def tokenize(self, text: str, special: bool) -> list[int]:
-        """Token ids of ``text``; the BOS token is added only where the model asks for it
-        and the text does not already start with it (chat templates often write it)."""
-        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        """Token ids of ``text``, with the BOS token where the model asks for one."""
+        return self._with_bos(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special))
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        """The BOS token is added only where the model asks for it and the ids do not already
+        start with it (chat templates often write it)."""
         bos = self.llm.token_bos()
         if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos >= 0 and (not ids or ids[0] != bos):
             ids.insert(0, bos)
@@ -158,8 +193,16 @@ class LlamaPolicy:
 
     # -- decoding (the search's Policy protocol) ------------------------------
 
-    def start(self, tokens: Sequence[int]) -> None:
-        """Position the model after ``tokens``, evaluating only what the cache lacks."""
+    def start(self, tokens: Sequence[int], reuse_prefix: bool = False) -> None:
+        """Position the model after ``tokens``.
+
+        llama.cpp's logits depend on the shape of the batch that computed them, so a prompt
+        re-evaluated in part gives slightly different numbers than the same prompt evaluated
+        whole, enough to flip a near tie. A prompt is therefore evaluated whole, unless it is
+        exactly the prompt evaluated last (whose end logits are kept with the cache), so that a
+        result never depends on what ran before in the process. ``reuse_prefix`` (a chat's next
+        turn) evaluates only what the cache lacks instead.
+        """
         if len(tokens) >= self.n_ctx:
             raise PromptError(
                 f"the prompt is {len(tokens)} tokens but the context window is {self.n_ctx}; "
@@ -172,9 +215,21 @@ class LlamaPolicy:
             if a != b:
                 break
             keep += 1
-        keep = min(keep, len(tokens) - 1)  # re-evaluate at least one token to get its logits
+        if self._prompt_end is not None and self._prompt_end[0] == len(tokens) <= keep:
+            self.llm.n_tokens = len(tokens)
+            self._logits = self._prompt_end[1].copy()
+            return
+        keep = min(keep, len(tokens) - 1) if reuse_prefix else 0  # at least one token gives logits
         self.llm.n_tokens = keep
+        if self._prompt_end is not None and self._prompt_end[0] > keep:
+            self._prompt_end = None
         self._eval(tokens[keep:])
+        if keep == 0:
+            self._prompt_end = (len(tokens), self._logits.copy())
+
+    def forget_prompt(self) -> None:
+        """Drop the kept prompt-end logits (before anything else writes this context's cache)."""
+        self._prompt_end = None
 
     def room(self) -> int:
         """How many more tokens fit in the context window."""

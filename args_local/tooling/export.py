@@ -25,7 +25,7 @@ that :mod:`args_local.reward` reads). Three kinds of models are handled:
     layer, and exported with optimum's own ``text-generation-with-past`` task: one
     ``model.onnx`` that takes ``input_ids``, ``attention_mask`` (past + new),
     ``position_ids`` and ``past_key_values.{i}.key/value`` and returns ``logits`` and
-    ``present.*`` (``"kv_cache": true``); every candidate carries its own copy of the past.
+    ``present.*`` (``"kv_cache": "per-row"``); every candidate carries its own copy of the past.
 
   Either way ``logits`` is ``[batch, sequence, num_labels]`` (the score at every position)
   and an empty past works. The text is ``[bos] + response``: the runtime feeds the policy's tokens straight in
@@ -58,7 +58,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ArgsLocalError
+from ..core.contract import activate, shared_past_names
+from ..core.errors import ArgsLocalError
 
 ONNX_SIZE_LIMIT = 2 * 1024**3  # protobuf's limit: larger models keep their weights in model.onnx_data
 
@@ -509,7 +510,7 @@ def _manifest(source, config, tok, kind, fmt, template, with_past, bos, pad, log
     if template is not None:
         manifest["template"] = template
     if with_past:
-        manifest["kv_cache"] = True
+        manifest["kv_cache"] = "per-row"
         manifest["bos_token_id"] = bos
     manifest["pad_token_id"] = pad
     manifest["output"] = "logits"
@@ -568,25 +569,6 @@ def _export_with_past(deps: _Deps, model, head, out: Path) -> None:
     deps.onnx_export_from_model(shell, out, task="text-generation-with-past", do_validation=False)
 
 
-def shared_past_names(layers: int) -> dict[str, Any]:
-    """The ``"shared"`` contract's names and dynamic axes, as ``torch.onnx.export`` takes them
-    (also used by ``scripts/train_reward.py`` for the bundled model)."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    new = [f"new_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return {
-        "input_names": ["input_ids", "position_ids", "attention_bias", *past],
-        "output_names": ["logits", *new],
-        "dynamic_axes": {
-            "input_ids": {0: "batch", 1: "seq"},
-            "position_ids": {0: "batch", 1: "seq"},
-            "attention_bias": {0: "batch", 1: "seq", 2: "seq"},
-            "logits": {0: "batch", 1: "seq"},
-            **{n: {1: "past_len"} for n in past},
-            **{n: {0: "batch", 1: "seq"} for n in new},
-        },
-    }
-
-
 class _SharedPastAttention:
     """An attention function for transformers' attention interface that reads a shared past.
 
@@ -630,7 +612,7 @@ def _export_shared_past(deps: _Deps, model, head, out: Path, log) -> bool:
     """Export the backbone and score head with the shared-past contract; False (after a note)
     when the architecture's attention cannot be swapped, so the caller exports per row."""
     torch, tf = deps.torch, deps.transformers
-    from .reward import padded_bias
+    from ..core.contract import padded_bias
 
     attention = _SharedPastAttention(torch)
     tf.AttentionInterface.register(attention.name, attention)
@@ -762,13 +744,7 @@ def _write_tokenizer(tok, path: Path, strip_special: bool) -> str:
 
 def _activate(logits: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
     """The runtime's reward from raw logits [n, labels]: activation, then index."""
-    values = np.asarray(logits, dtype=np.float64)
-    if manifest["activation"] == "softmax":
-        z = np.exp(values - values.max(axis=1, keepdims=True))
-        values = z / z.sum(axis=1, keepdims=True)
-    elif manifest["activation"] == "sigmoid":
-        values = 1.0 / (1.0 + np.exp(-values))
-    return values[:, manifest["index"]]
+    return activate(logits, manifest["activation"])[:, manifest["index"]]
 
 
 def check_parity(reference: Sequence[float], exported: Sequence[float], precision: str, what: str) -> tuple[float, float]:
@@ -833,7 +809,8 @@ def _positions(deps: _Deps, model, head, ids: Sequence[int]) -> np.ndarray:
 
 
 def _parity(deps: _Deps, folder: Path, model, tok, manifest, precision: str, head, log) -> dict[str, Any]:
-    from .reward import CachedScorer, CausalFullScorer, RewardModel
+    from ..runtime.caches import CachedScorer, CausalFullScorer
+    from ..runtime.reward import RewardModel
 
     try:
         reward = RewardModel(folder)

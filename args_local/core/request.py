@@ -1,0 +1,82 @@
+"""What a generation is asked for and what it reports: :class:`Request`, :class:`Result`,
+:class:`Piece`, and the reward model's running costs (:class:`RewardStats`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .search import Step
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Request:
+    """A prompt already rendered to token ids, and the settings to decode it with."""
+
+    prompt: str
+    tokens: Sequence[int]
+    settings: Settings = Settings()
+
+
+@dataclass
+class RewardStats:
+    """What a reward model cost: session runs, candidates scored, seconds. Counters only grow;
+    what one generation cost is the difference of two copies (:meth:`since`)."""
+
+    calls: int = 0
+    candidates: int = 0
+    seconds: float = 0.0
+
+    def copy(self) -> "RewardStats":
+        return dataclasses.replace(self)
+
+    def since(self, before: "RewardStats") -> "RewardStats":
+        return RewardStats(self.calls - before.calls, self.candidates - before.candidates, self.seconds - before.seconds)
+
+    def __add__(self, other: "RewardStats") -> "RewardStats":
+        return RewardStats(self.calls + other.calls, self.candidates + other.candidates, self.seconds + other.seconds)
+
+
+@dataclass
+class Piece:
+    """Text decided by one step ("" while a character or a possible stop string is incomplete)."""
+
+    text: str
+    step: Step
+
+
+@dataclass
+class Result:
+    """What a finished generation reports (``--json``, batch and eval rows, bench timings)."""
+
+    text: str = ""
+    tokens: int = 0
+    prompt_tokens: int = 0
+    elapsed_s: float = 0.0
+    first_token_s: float | None = None
+    reward_calls: int = 0
+    reward_candidates: int = 0
+    reward_s: float = 0.0
+    rewards: list[float] = field(default_factory=list)
+    stop_reason: str = "length"
+
+    @property
+    def mean_reward(self) -> float | None:
+        return sum(self.rewards) / len(self.rewards) if self.rewards else None
+
+    @property
+    def reward_cost(self) -> RewardStats:
+        return RewardStats(self.reward_calls, self.reward_candidates, self.reward_s)
+
+    @reward_cost.setter
+    def reward_cost(self, stats: RewardStats) -> None:
+        self.reward_calls, self.reward_candidates, self.reward_s = stats.calls, stats.candidates, stats.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("rewards")
+        d["mean_reward"] = self.mean_reward
+        d["tokens_per_s"] = self.tokens / self.elapsed_s if self.elapsed_s > 0 else None
+        return d

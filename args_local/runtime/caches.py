@@ -1,0 +1,263 @@
+"""Scorers: the search's ``Scorer`` protocol over a :class:`RewardModel`.
+
+* :class:`TextScorer` re-reads ``prompt + response + candidate`` as text for every
+  candidate: works for any model (encoders, string classifiers, decoders).
+* :class:`CachedScorer` is for causal models exported with a KV cache: the response
+  is prefilled once and the k candidates are scored in one call against the cached
+  prefix (single tokens when the model shares the policy's tokenizer; otherwise the
+  re-tokenized tail after the longest prefix the cache still matches). It drives one of
+  two caches, one per layout of :mod:`args_local.core.contract`: :class:`RowCache`
+  (``"per-row"``) and :class:`SharedCache` (``"shared"``), whose per-step cost grows with
+  one read of the cache, not k copies of it.
+* :class:`CausalFullScorer` feeds the same causal model the whole token sequence
+  for every candidate: the plain path the cached one must agree with.
+
+:func:`make_scorer` picks the fastest exact one for a model and a policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..core.contract import last_positions, packed_bias, right_pad
+from ..core.text import candidate_texts
+from .reward import RewardModel
+
+log = logging.getLogger("args_local")
+
+def make_scorer(
+    model: RewardModel,
+    prompt: str,
+    token_bytes: Callable[[int], bytes],
+    policy_vocab: Callable[[], list[str]] | None = None,
+    use_cache: bool = True,
+) -> "TextScorer | CachedScorer | CausalFullScorer":
+    """The fastest exact scorer for this model and policy: a KV-cached one for causal
+    models exported with their cache (token ids straight from the policy when both share
+    a vocabulary, else bridged through text), a text re-scorer for everything else."""
+    if model.manifest.kv_cache:
+        shared = policy_vocab is not None and model.shares_vocab(policy_vocab())
+        if not shared:
+            log.info("reward model %s does not share the policy's tokenizer: bridging through text", model.path)
+        sequences = Sequences(model, token_bytes, bridge=not shared)
+        return CachedScorer(model, sequences) if use_cache else CausalFullScorer(model, sequences)
+    return TextScorer(model, prompt, token_bytes)
+
+
+class TextScorer:
+    """Re-reads the whole text of each candidate; identical texts are scored once."""
+
+    def __init__(self, model: RewardModel, prompt: str, token_bytes: Callable[[int], bytes]) -> None:
+        self.model = model
+        self.prompt = prompt
+        self.token_bytes = token_bytes
+        self.bounds = model.bounds
+        self.response = bytearray()
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        texts = candidate_texts(bytes(self.response), self.token_bytes, tokens)
+        unique = list(dict.fromkeys(texts))
+        rewards = self.model.score_texts([self.prompt] * len(unique), unique)
+        by_text = dict(zip(unique, rewards))
+        return np.array([by_text[t] for t in texts])
+
+    def advance(self, token: int) -> None:
+        self.response += self.token_bytes(token)
+
+
+class Sequences:
+    """The reward model's token ids for the response extended by one candidate.
+
+    When the reward model shares the policy's vocabulary the policy's ids are used as
+    they are. Otherwise (``bridge``) the response text is tokenized with the reward
+    model's own tokenizer; only the tail after the part the cache already holds is
+    fed to the model, so the result equals full re-scoring of the same text.
+    """
+
+    def __init__(self, model: RewardModel, token_bytes: Callable[[int], bytes] | None = None, bridge: bool = False) -> None:
+        self.model = model
+        self.token_bytes = token_bytes
+        self.bridge = bridge
+        self.ids: list[int] = list(model.bos)
+        self.text = bytearray()
+
+    def split(self, tokens: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+        """(shared prefix, tails): candidate i's sequence is ``prefix + tails[i]``, and every
+        tail holds at least one token. With a shared vocabulary this costs nothing per step."""
+        if not self.bridge:
+            return self.ids, [[t] for t in tokens]
+        assert self.token_bytes is not None and self.model.tokenizer is not None
+        bos = self.model.bos
+        texts = candidate_texts(bytes(self.text), self.token_bytes, tokens)
+        seqs = [bos + e.ids for e in self.model.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        shared = min(len(q) for q in seqs) - 1
+        for q in seqs[1:]:
+            shared = min(shared, _common_prefix(seqs[0], q))
+        return seqs[0][:shared], [q[shared:] for q in seqs]
+
+    def advance(self, token: int) -> None:
+        if self.bridge:
+            assert self.token_bytes is not None
+            self.text += self.token_bytes(token)
+        else:
+            self.ids.append(token)
+
+
+class CausalFullScorer:
+    """Feeds every candidate's whole sequence, no cache: the plain path."""
+
+    def __init__(self, model: RewardModel, sequences: Sequences | None = None) -> None:
+        self.model = model
+        self.bounds = model.bounds
+        self.sequences = sequences or Sequences(model)
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        prefix, tails = self.sequences.split(tokens)
+        return self.model.score_ids([prefix + t for t in tails])
+
+    def advance(self, token: int) -> None:
+        self.sequences.advance(token)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    if len(a) <= len(b) and a == b[: len(a)]:  # the usual case, compared in C
+        return len(a)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class RowCache:
+    """optimum's contract: each row of a batch carries its own past, and the model returns
+    it again one step longer (``present.*``). Scoring k candidates repeats the past k times;
+    the chosen row of ``present`` is the next cache."""
+
+    def __init__(self, model: RewardModel) -> None:
+        self.model = model
+        self.length = 0
+        self.past = model.empty_past(1)
+        self._presents: list[np.ndarray] = []
+
+    def truncate(self, n: int) -> None:
+        self.past = {name: p[:, :, :n] for name, p in self.past.items()}
+        self.length = n
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray], n_candidates: int) -> tuple[Any, list[np.ndarray]]:
+        m = self.model
+        feeds = m.token_feeds(ids, mask, np.zeros_like(ids), past=self.length)
+        feeds.update(past)
+        raw, *presents = m.run(feeds, n_candidates, m.present_names)
+        return raw, presents
+
+    def extend(self, tokens: list[int]) -> None:
+        ids = np.array([tokens], dtype=np.int64)
+        _, presents = self._forward(ids, np.ones_like(ids), self.past, 0)
+        self.past = dict(zip(self.model.past_names, presents))
+        self.length += len(tokens)
+
+    def candidates(self, tails: list[list[int]]) -> tuple[Any, np.ndarray]:
+        ids, mask = right_pad(tails, self.model.manifest.pad_token_id)
+        past = {n: np.repeat(v, len(tails), axis=0) for n, v in self.past.items()}
+        raw, self._presents = self._forward(ids, mask, past, len(tails))
+        return raw, last_positions(mask)
+
+    def accept(self, i: int, tail: list[int]) -> None:
+        end = self.length + len(tail)  # the row without the padding after its tail
+        self.past = {n: p[i : i + 1, :, :end] for n, p in zip(self.model.past_names, self._presents)}
+        self.length = end
+
+
+class SharedCache:
+    """The ``"shared"`` contract: one past, sequence-major [1, length, heads, dim], read by
+    every candidate; the model returns only the new tokens' keys and values, which are
+    appended in place (the buffers grow by doubling, and a prefix of them is handed to
+    onnxruntime without a copy). The k candidates' tails are packed in one row."""
+
+    def __init__(self, model: RewardModel) -> None:
+        self.model = model
+        self.length = 0
+        self.buffers = {n: np.empty((1, 64, *p.shape[2:]), dtype=np.float32) for n, p in model.empty_past(1).items()}
+        self._new: list[np.ndarray] = []
+        self._starts: list[int] = []
+
+    def truncate(self, n: int) -> None:
+        self.length = n
+
+    def _forward(self, ids: list[int], positions: np.ndarray, bias: np.ndarray, n_candidates: int) -> tuple[Any, list[np.ndarray]]:
+        m = self.model
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), "position_ids": positions[None], "attention_bias": bias}
+        feeds.update({n: b[:, : self.length] for n, b in self.buffers.items()})
+        raw, *new = m.run(feeds, n_candidates, m.present_names)
+        return raw, new
+
+    def _append(self, new: list[np.ndarray], start: int, stop: int) -> None:
+        end = self.length + stop - start
+        for (name, buffer), part in zip(list(self.buffers.items()), new):
+            if end > buffer.shape[1]:
+                grown = np.empty((1, max(end, 2 * buffer.shape[1]), *buffer.shape[2:]), dtype=np.float32)
+                grown[:, : self.length] = buffer[:, : self.length]
+                self.buffers[name] = buffer = grown
+            buffer[:, self.length : end] = part[:, start:stop]
+        self.length = end
+
+    def extend(self, tokens: list[int]) -> None:
+        positions = np.arange(self.length, self.length + len(tokens), dtype=np.int64)
+        _, new = self._forward(tokens, positions, packed_bias([len(tokens)]), 0)
+        self._append(new, 0, len(tokens))
+
+    def candidates(self, tails: list[list[int]]) -> tuple[Any, None]:
+        lengths = [len(t) for t in tails]
+        ends = np.cumsum(lengths)
+        self._starts = [0, *ends[:-1].tolist()]
+        positions = self.length + np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+        raw, self._new = self._forward([t for tail in tails for t in tail], positions, packed_bias(lengths), len(tails))
+        return np.asarray(raw)[0, ends - 1], None  # [k, outputs]: each tail's last position
+
+    def accept(self, i: int, tail: list[int]) -> None:
+        self._append(self._new, self._starts[i], self._starts[i] + len(tail))
+
+
+class CachedScorer:
+    """Scores k candidates against the reward model's KV cache of the response so far.
+
+    Each step: the part all candidates share and the cache lacks (tokens accepted on
+    steps that were skipped, or a re-tokenized tail) is fed once as a batch of one; then
+    the k distinct tails (a single token each when the vocabularies are shared) go in one
+    call against the cache. The chosen candidate's keys and values become the cache, so
+    accepting a scored token costs no model call.
+    """
+
+    def __init__(self, model: RewardModel, sequences: Sequences | None = None) -> None:
+        self.model = model
+        self.bounds = model.bounds
+        self.sequences = sequences or Sequences(model)
+        self.cache: RowCache | SharedCache = SharedCache(model) if model.manifest.kv_cache == "shared" else RowCache(model)
+        self.cached: list[int] = []
+        self._last: dict[int, tuple[int, list[int]]] = {}  # token -> (row, tail)
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        prefix, tails = self.sequences.split(tokens)
+        keep = _common_prefix(self.cached, prefix)
+        if keep < len(self.cached):
+            self.cached = self.cached[:keep]
+            self.cache.truncate(keep)
+        if len(prefix) > len(self.cached):
+            self.cache.extend(prefix[len(self.cached) :])
+            self.cached.extend(prefix[len(self.cached) :])
+        raw, last = self.cache.candidates(tails)
+        self._last = {token: (i, tail) for i, (token, tail) in enumerate(zip(tokens, tails))}
+        return self.model.rewards(raw, last)
+
+    def advance(self, token: int) -> None:
+        self.sequences.advance(token)
+        if token in self._last:
+            row, tail = self._last[token]
+            self.cache.accept(row, tail)
+            self.cached.extend(tail)
+        self._last = {}

@@ -1,0 +1,60 @@
+"""Loading the models a front end asks for: the embedded defaults unless told otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import SettingsError
+from .engine import Engine
+
+MIN_CTX = 16
+
+
+def max_threads() -> int:
+    """More threads than 4 per core only make llama.cpp and onnxruntime wait on each other."""
+    return 4 * (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which models to load and how to run them (what a request cannot change)."""
+
+    model: Path | None = None
+    reward_model: Path | None = None
+    ctx_size: int = 4096
+    threads: int | None = None
+    gpu_layers: int = 0
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ctx_size < MIN_CTX:
+            raise SettingsError(f"ctx_size must be at least {MIN_CTX}, not {self.ctx_size}")
+        if self.threads is not None and not 1 <= self.threads <= max_threads():
+            raise SettingsError(f"threads must be from 1 to {max_threads()} (4 per CPU core here), not {self.threads}")
+        if self.gpu_layers < -1:
+            raise SettingsError(f"gpu_layers must be -1 (all) or at least 0, not {self.gpu_layers}")
+
+
+def load_engine(options: ModelOptions, with_reward: bool = True) -> Engine:
+    """The policy and reward model named by ``options`` (the embedded defaults otherwise),
+    with llama.cpp's and onnxruntime's logs kept off the terminal unless ``verbose``."""
+    from . import policy as policy_mod
+    from .models import default_policy, default_reward
+    from .reward import RewardModel, quiet_onnxruntime
+
+    policy_mod.set_verbose(options.verbose)
+    quiet_onnxruntime(not options.verbose)
+    logging.getLogger("args_local").setLevel(logging.INFO if options.verbose else logging.WARNING)
+    policy = policy_mod.LlamaPolicy(
+        options.model or default_policy(),
+        n_ctx=options.ctx_size,
+        n_threads=options.threads,
+        n_gpu_layers=options.gpu_layers,
+    )
+    reward = None
+    if with_reward:
+        reward = RewardModel(options.reward_model or default_reward(), threads=options.threads, gpu=options.gpu_layers != 0)
+    return Engine(policy, reward)
