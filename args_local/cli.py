@@ -60,7 +60,9 @@ def _terminate(signum: int, frame: Any) -> None:
 # Flags of each setting, named as in llama.cpp's CLI; types and bounds come from the settings.
 FLAGS: dict[str, tuple[str, ...]] = {
     "top_k": ("-k", "--top-k"), "weight": ("-w", "--weight"), "mode": ("--mode",), "temperature": ("--temp",),
-    "top_p": ("--top-p",), "seed": ("--seed",), "max_tokens": ("-n", "--max-tokens"), "stop": ("--stop",),
+    "top_p": ("--top-p",), "min_p": ("--min-p",), "repeat_penalty": ("--repeat-penalty",),
+    "repeat_last_n": ("--repeat-last-n",), "presence_penalty": ("--presence-penalty",),
+    "frequency_penalty": ("--frequency-penalty",), "seed": ("--seed",), "max_tokens": ("-n", "--max-tokens"), "stop": ("--stop",),
     "system": ("-s", "--system"), "raw": ("--raw",), "ignore_eos": ("--ignore-eos",), "use_cache": ("--no-cache",),
 }
 CLICK_TYPES = {int: int, float: float, str: str}
@@ -73,7 +75,7 @@ def settings_options(*names: str, defaults: Settings = Settings()) -> Callable:
         for name in reversed(names):
             knob, flags = KNOBS[name], FLAGS[name]
             default = getattr(defaults, name)
-            shown = f" [default: {default}]" if default not in (None, (), False, True) else ""
+            shown = "" if default is None or default == () or isinstance(default, bool) else f" [default: {default}]"
             if knob.kind is bool:
                 help_text = "re-score whole sequences instead of using the reward model's KV cache" if name == "use_cache" else knob.help
                 f = click.option(*flags, name, is_flag=True, default=None, flag_value=name != "use_cache", help=help_text)(f)
@@ -133,7 +135,8 @@ def read_stdin() -> str:
 
 
 GENERATE = Settings()
-SEARCH = ("top_k", "weight", "mode", "temperature", "top_p", "seed")
+SEARCH = ("top_k", "weight", "mode", "temperature", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
+          "presence_penalty", "frequency_penalty", "seed")
 
 
 @main.command()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from args_local.core.errors import RewardError
-from args_local.core.search import args_search, choose, contenders, top_k
+from args_local.core.search import args_search, choose, contenders, penalize, top_k, truncate
 from args_local.core.settings import Settings
 from fakes import FnScorer, TablePolicy
 
@@ -93,10 +93,54 @@ def test_non_finite_rewards_drop_the_candidate():
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
-    scores = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    rng = np.random.default_rng(0)
-    draws = {choose(scores, "sample", 1.0, rng, top_p=0.75) for _ in range(300)}
-    assert draws == {0, 1}
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert truncate(logits, 0.75, 0.0).tolist() == [True, True, False, False]
+    assert truncate(logits, 0.79, 0.0).tolist() == [True, True, False, False]  # 0.5 + 0.3 reaches 0.79
+    assert truncate(logits, 0.81, 0.0).tolist() == [True, True, True, False]
+    assert truncate(logits, 0.1, 0.0).tolist() == [True, False, False, False]  # the best always stays
+
+
+def test_min_p_keeps_candidates_at_least_that_fraction_of_the_best():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert truncate(logits, 1.0, 0.3).tolist() == [True, True, True, False]  # 0.15 / 0.5 = 0.3 stays
+    assert truncate(logits, 1.0, 0.61).tolist() == [True, False, False, False]  # 0.3 / 0.5 = 0.6 goes
+    assert truncate(logits, 1.0, 0.0).all()
+
+
+def test_penalties_as_llama_cpp_defines_them():
+    logits = np.array([2.0, -1.0, 0.5, 3.0, 0.0])
+    window = [0, 1, 1, 4]  # token 0 once, token 1 twice, token 4 once
+    s = Settings(weight=0.0, repeat_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    # positive logits are divided, the others multiplied; then -count * frequency - presence
+    expected = [2.0 / 2 - 0.5 - 0.25, -1.0 * 2 - 2 * 0.5 - 0.25, 0.5, 3.0, 0.0 * 2 - 0.5 - 0.25]
+    assert np.allclose(penalize(logits, window, s), expected)
+    assert penalize(logits, window, Settings(weight=0.0)) is logits  # all off: untouched
+    assert penalize(logits, [], s) is logits
+
+
+def test_repeat_penalty_breaks_a_loop_and_looks_only_at_the_last_n_tokens():
+    class Loop(TablePolicy):
+        """Always prefers the token it saw two steps ago: greedy decoding loops."""
+
+        def logits(self) -> np.ndarray:
+            out = np.zeros(10)
+            out[self.tokens[-2] if len(self.tokens) > 1 else 1] = 1.0
+            out[(self.tokens[-1] + 3) % 10] = 0.9
+            return out
+
+    looping = run(Loop(), None, 12, weight=0.0)
+    assert len(set(looping)) <= 3
+    free = run(Loop(), None, 12, weight=0.0, repeat_penalty=1.5, repeat_last_n=4)
+    assert len(set(free)) > len(set(looping))
+    assert run(Loop(), None, 12, weight=0.0, repeat_penalty=1.5, repeat_last_n=0) == looping  # no window: no penalty
+
+
+def test_history_opens_the_penalty_window():
+    policy = TablePolicy(seed=2)
+    first = TablePolicy(seed=2).greedy(1)[0]
+    s = Settings(weight=0.0, frequency_penalty=2.0, presence_penalty=2.0)
+    step = next(args_search(policy, None, s, 1, history=[first] * 5))
+    assert step.token != first
 
 
 @pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(weight=math.nan), dict(weight=math.inf), dict(mode="beam"), dict(mode="sample", temperature=-1.0)])

@@ -88,9 +88,36 @@ def contenders(top_logits: np.ndarray, weight: float, bounds: tuple[float, float
     return (top_logits[0] - top_logits) <= reach
 
 
-def choose(scores: np.ndarray, mode: Mode, temperature: float, rng: np.random.Generator, top_p: float = 1.0) -> int:
-    """Index of the chosen candidate: argmax, or a draw from softmax(scores / T) restricted to
-    the smallest set of candidates whose probability reaches ``top_p`` (nucleus sampling).
+def penalize(logits: np.ndarray, window: Sequence[int], settings: "Settings") -> np.ndarray:
+    """llama.cpp's repetition penalties over the tokens in ``window``: a seen token's logit is
+    divided by ``repeat_penalty`` (multiplied when it is not positive), then lowered by
+    ``frequency_penalty`` times its count plus ``presence_penalty``."""
+    s = settings
+    if not len(window) or (s.repeat_penalty == 1 and s.presence_penalty == 0 and s.frequency_penalty == 0):
+        return logits
+    ids, counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
+    out = logits.astype(np.float64)
+    seen = out[ids]
+    seen = np.where(seen <= 0, seen * s.repeat_penalty, seen / s.repeat_penalty)
+    out[ids] = seen - counts * s.frequency_penalty - s.presence_penalty
+    return out
+
+
+def truncate(top_logits: np.ndarray, top_p: float, min_p: float) -> np.ndarray:
+    """Mask of the candidates (best first) that llama.cpp's top-p and min-p keep, judged by the
+    policy's own probabilities: the fewest whose probability reaches ``top_p``, and those at
+    least ``min_p`` times as likely as the best. The best candidate is always kept."""
+    rel = np.exp(top_logits - top_logits[0])  # p_i / p_max
+    keep = rel >= min_p
+    if top_p < 1.0:
+        cum = np.cumsum(rel / rel.sum())
+        keep[int(np.searchsorted(cum, top_p)) + 1 :] = False
+    keep[0] = True
+    return keep
+
+
+def choose(scores: np.ndarray, mode: Mode, temperature: float, rng: np.random.Generator) -> int:
+    """Index of the chosen candidate: argmax, or a draw from softmax(scores / T).
 
     Candidates with a score of -inf (dropped) are never chosen.
     """
@@ -99,14 +126,7 @@ def choose(scores: np.ndarray, mode: Mode, temperature: float, rng: np.random.Ge
     with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf: fine
         z = (scores - scores.max()) / temperature
     p = np.exp(z)
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
-        nucleus = np.zeros_like(p)
-        nucleus[keep] = p[keep]
-        p = nucleus / nucleus.sum()
-    return int(rng.choice(scores.shape[0], p=p))
+    return int(rng.choice(scores.shape[0], p=p / p.sum()))
 
 
 def args_search(
@@ -114,10 +134,12 @@ def args_search(
     scorer: Scorer | None,
     settings: "Settings",
     max_tokens: int,
+    history: Sequence[int] = (),
 ) -> Iterator[Step]:
     """Yield up to ``max_tokens`` ARGS decisions, stopping at end-of-generation unless
     ``settings.ignore_eos``. ``settings.weight`` must be set (the engine fills in the reward
-    model's suggestion).
+    model's suggestion). ``history`` (the prompt's tokens) opens the window the repetition
+    penalties look at, as in llama.cpp.
 
     Each step is yielded before the policy evaluates it, so a consumer that stops
     (a stop string, Ctrl-C) wastes no decode. A candidate whose reward is NaN or
@@ -127,13 +149,15 @@ def args_search(
     assert settings.weight is not None, "the weight is resolved before the search"
     rng = np.random.default_rng(settings.seed)
     guided = scorer is not None and settings.weight != 0 and settings.top_k > 1
+    n = settings.repeat_last_n
+    window = list(history[-n:]) if n else []
     for _ in range(max_tokens):
-        ids, logits = top_k(policy.logits(), settings.top_k)
+        ids, logits = top_k(penalize(policy.logits(), window, settings), settings.top_k)
         rewards = np.full(ids.shape[0], np.nan)
-        live = np.ones(ids.shape[0], dtype=bool)
+        live = truncate(logits, settings.top_p, settings.min_p)
         if guided:
             if settings.mode == "greedy":
-                live = contenders(logits, settings.weight, scorer.bounds)
+                live &= contenders(logits, settings.weight, scorer.bounds)
             if live.sum() > 1:
                 rewards[live] = scorer.score(ids[live].tolist())
                 usable = np.isfinite(rewards)
@@ -141,7 +165,7 @@ def args_search(
                     raise RewardError("the reward model returned NaN or infinity for every candidate")
                 live &= usable
         scores = np.where(live, logits + settings.weight * np.nan_to_num(rewards, nan=0.0), -np.inf)
-        i = choose(scores, settings.mode, settings.temperature, rng, settings.top_p)
+        i = choose(scores, settings.mode, settings.temperature, rng)
         token = int(ids[i])
         if not settings.ignore_eos and policy.is_eog(token):
             return
@@ -149,4 +173,7 @@ def args_search(
         yield Step(token, float(logits[i]), reward, float(scores[i]), int(np.isfinite(rewards).sum()))
         if guided:
             scorer.advance(token)
+        if n:
+            window.append(token)
+            del window[:-n]
         policy.advance(token)

@@ -64,7 +64,12 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("weight", float, "reward weight w in logit + w * reward [default: the reward model's]", optional=True, aliases=("w",)),
     Knob("mode", str, "greedy: argmax of the ARGS score; sample: draw from softmax(score / temp)", choices=MODES),
     Knob("temperature", float, "temperature of --mode sample", 0, 100, low_open=True, aliases=("temp",)),
-    Knob("top_p", float, "sample only among the best candidates whose probability adds up to p (1: off)", 0, 1, low_open=True),
+    Knob("top_p", float, "keep the policy's most likely candidates whose probability adds up to p (1: off)", 0, 1, low_open=True),
+    Knob("min_p", float, "drop candidates less likely than min-p times the most likely one (0: off)", 0, 1),
+    Knob("repeat_penalty", float, "divide the logits of tokens seen in the last repeat-last-n tokens by this (1: off)", 0, 10, low_open=True),
+    Knob("repeat_last_n", int, "how many last tokens the penalties look at (0: none)", 0, 1 << 20),
+    Knob("presence_penalty", float, "subtract this from the logit of every token seen in that window (0: off)", -2, 2),
+    Knob("frequency_penalty", float, "subtract this times its count from the logit of a token seen in that window (0: off)", -2, 2),
     Knob("seed", int, "random seed, for repeatable sampling (-1: random)", -1, MAX_SEED, optional=True),
     Knob("max_tokens", int, "most tokens to generate", 1, aliases=("n",)),
     Knob("stop", tuple, "stop when this string appears"),
@@ -87,6 +92,11 @@ class Settings:
     mode: Mode = "greedy"
     temperature: float = 0.7
     top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()

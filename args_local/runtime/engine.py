@@ -82,7 +82,7 @@ class Engine:
         budget = min(settings.max_tokens, policy.room())
 
         try:
-            for step in args_search(policy, scorer, settings, budget):
+            for step in args_search(policy, scorer, settings, budget, request.tokens):
                 result.tokens += 1
                 if result.first_token_s is None:
                     result.first_token_s = time.perf_counter() - start
