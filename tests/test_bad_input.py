@@ -15,6 +15,8 @@ import pytest
 
 from conftest import cli
 
+pytestmark = pytest.mark.slow  # real models or the real CLI
+
 
 def check(run, code: int, *words: str) -> str:
     err = run.stderr.decode()

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import cli
 
+pytestmark = pytest.mark.slow  # real models or the real CLI
+
 
 def rows_of(path):
     return [json.loads(line) for line in path.read_text().splitlines()]

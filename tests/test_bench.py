@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from args_local.bench import Row, growth
 from conftest import cli
 
@@ -22,6 +24,7 @@ def test_growth_ratios_use_the_longest_measured_length():
     assert growth([row("llama.cpp greedy", 5.0, None)]) == []
 
 
+@pytest.mark.slow
 def test_bench_command_prints_every_variant_and_the_ratios():
     run = cli("bench", "-n", "130", "--repeats", "1", "--full")
     assert run.returncode == 0, run.stderr.decode()

@@ -13,6 +13,8 @@ from args_local.core.request import Result
 from args_local.core.settings import Settings
 from args_local.runtime.engine import Engine
 
+pytestmark = pytest.mark.slow  # real models or the real CLI
+
 
 def test_second_turn_evaluates_only_the_new_tokens(policy, reward):
     session = ChatSession(Engine(policy, reward), Settings(top_k=4, weight=2.0, max_tokens=16))

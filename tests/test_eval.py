@@ -43,6 +43,7 @@ def judges():
     return ev.Judges.load(threads=1)
 
 
+@pytest.mark.slow
 def test_coherence_of_identical_texts_is_one(judges):
     a, b = judges.encoder.embed(["The cat sat on the mat.", "The cat sat on the mat."])
     assert ev.cosine(a, b) == pytest.approx(1.0, abs=1e-5)
@@ -50,6 +51,7 @@ def test_coherence_of_identical_texts_is_one(judges):
     assert judges.score("How was your weekend?", "How was your weekend?")["coherence"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_coherence_ranks_related_above_unrelated(judges):
     prompt = "A man is eating food."
     related = judges.score(prompt, "A man is eating a piece of bread.")["coherence"]
@@ -57,6 +59,7 @@ def test_coherence_ranks_related_above_unrelated(judges):
     assert related > 0.5 > 0.25 > unrelated
 
 
+@pytest.mark.slow
 def test_mean_pooling_ignores_padding(judges):
     short = "Good morning."
     alone = judges.encoder.embed([short])[0]
@@ -72,6 +75,7 @@ def test_cosine_by_hand():
     assert ev.cosine(np.array([1.0, 1.0]), np.array([2.0, 0.0])) == pytest.approx(1 / math.sqrt(2))
 
 
+@pytest.mark.slow
 def test_sentiment_judge_sanity(judges):
     pos, neg, flat, empty = judges.sentiment.score(
         ["I love this, it is wonderful!", "I hate this, it is terrible.", "The table is made of wood.", ""]
@@ -80,6 +84,7 @@ def test_sentiment_judge_sanity(judges):
     assert flat == 0.5 and empty == 0.5  # VADER's compound is 0 without sentiment words
 
 
+@pytest.mark.slow
 def test_nontoxic_judge_sanity(judges):
     kind, rude, hateful = judges.nontoxic.score(
         ["Have a lovely day, friend.", "You stupid idiot, shut up.", "I hate those people, they are animals."]
@@ -146,6 +151,7 @@ def test_read_done_cuts_a_torn_line(tmp_path):
 # -- the real command ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_and_resume(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("How was your weekend?\n" + json.dumps({"prompt": "Describe the weather today."}) + "\n")
@@ -193,6 +199,7 @@ def test_eval_end_to_end_and_resume(tmp_path):
     assert sorted((r["index"], r["setting"]) for r in resumed) == sorted(by)
 
 
+@pytest.mark.slow
 def test_eval_refuses_bad_options(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hi.\n")

@@ -31,6 +31,8 @@ from args_local.runtime.caches import CachedScorer, CausalFullScorer, Sequences,
 from args_local.runtime.reward import RewardModel  # noqa: E402
 from conftest import cli  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real models or the real CLI
+
 torch.set_num_threads(2)
 tf.logging.set_verbosity_error()
 

@@ -13,6 +13,8 @@ from args_local.core.settings import Settings
 from args_local.runtime.engine import Engine
 from conftest import cli
 
+pytestmark = pytest.mark.slow  # real models or the real CLI
+
 PROMPTS = ["Tell me about your weekend.", "How was the movie you saw yesterday?", "Describe your neighbour."]
 
 
@@ -128,7 +130,7 @@ def test_generate_json_from_stdin():
     out = json.loads(run.stdout)
     assert out["prompt"] == "What is your favourite food?"
     assert out["tokens"] == 16 or out["stop_reason"] == "eog"
-    assert out["text"] and out["elapsed_s"] > 0 and out["reward_calls"] >= 0
+    assert out["text"] and out["elapsed_s"] > 0 and out["reward_calls"] > 0
     assert out["settings"]["top_k"] == 5 and out["settings"]["seed"] == 3
 
 

@@ -25,6 +25,7 @@ def as_dict(lines: list[tuple[str, str]]) -> dict[str, list[str]]:
 # -- GGUF -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_default_policy_gguf_agrees_with_llama_cpp(policy_path):
     import llama_cpp
 
@@ -87,6 +88,7 @@ def test_gguf_written_by_the_gguf_package(tmp_path):
     assert info["special tokens"] == ["bos '<s>' (1), eos '</s>' (2)"] and info["adds BOS"] == ["yes"]
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_files_are_clear_errors(policy_path, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(policy_path.read_bytes()[:200_000])
@@ -147,6 +149,7 @@ def token_reward(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_reward_folder(token_reward):
     info = as_dict(describe(token_reward))
     assert info["format"] == ["ONNX reward model folder"]
@@ -164,6 +167,7 @@ def test_reward_folder(token_reward):
     assert as_dict(describe(token_reward / "model.onnx"))["name"] == ["tiny"]
 
 
+@pytest.mark.slow
 def test_reward_folder_that_would_fail_to_load_says_why(token_reward):
     manifest = json.loads((token_reward / "reward.json").read_text())
     (token_reward / "reward.json").write_text(json.dumps({**manifest, "index": 3}))
@@ -175,6 +179,7 @@ def test_reward_folder_that_would_fail_to_load_says_why(token_reward):
         describe(token_reward)
 
 
+@pytest.mark.slow
 def test_reward_folder_without_manifest_and_string_input(hatesonar_reward, tmp_path):
     info = as_dict(describe(hatesonar_reward))
     assert info["input"][0] == "text, format response" and info["check"][0].startswith("ok")
@@ -200,6 +205,7 @@ def test_cache_tensors_collapse_to_one_line_each():
 # -- the command line ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_info(policy_path, token_reward, tmp_path):
     run = cli("info", str(policy_path))
     assert run.returncode == 0, run.stderr.decode()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from args_local.core.errors import RewardError
-from args_local.core.search import args_search, choose, contenders, penalize, top_k, truncate
+from args_local.core.search import args_search, contenders, penalize, top_k, truncate
 from args_local.core.settings import Settings
 from fakes import FnScorer, TablePolicy
 

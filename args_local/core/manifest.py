@@ -66,11 +66,11 @@ class Manifest:
         return m
 
     def to_dict(self) -> dict[str, Any]:
-        """What ``reward.json`` holds: the fields that differ from their defaults, then extras."""
+        """What ``reward.json`` holds: every field that is set, in the schema's order, then extras."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "extra" or (f.name != "name" and value == f.default):
+            if f.name == "extra" or value is None:
                 continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         out.update(self.extra)

@@ -60,6 +60,7 @@ import numpy as np
 
 from ..core.contract import activate, shared_past_names
 from ..core.errors import ArgsLocalError
+from ..core.manifest import FILENAME, Manifest
 
 ONNX_SIZE_LIMIT = 2 * 1024**3  # protobuf's limit: larger models keep their weights in model.onnx_data
 
@@ -218,8 +219,8 @@ def _export(
     elif with_past:
         _add_cache_shapes(deps, onnx_file, manifest)
     digest = _write_tokenizer(tok, staging / "tokenizer.json", strip_special=fmt == "template")
-    manifest = _with_key_after(manifest, "pad_token_id", "tokenizer_sha256", digest)
-    (staging / "reward.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    manifest["tokenizer_sha256"] = digest
+    Manifest.from_dict(manifest, staging / FILENAME).write(staging)
 
     parity = _parity(deps, staging, model, tok, manifest, precision, head, log)
     return {
@@ -576,35 +577,31 @@ class _SharedPastAttention:
     ``[1, past_len, kv_heads, head_dim]``, and ``bias`` the ``[batch, seq, seq]`` attention
     bias among the new tokens; the function attends to both (query heads grouped by the
     key/value head they share, so nothing is repeated) and leaves each layer's new keys and
-    values, sequence-major, in ``new``. It is the same arithmetic as the bundled model's
-    attention in ``scripts/train_reward.py``.
+    values, sequence-major, in ``new``. The arithmetic is :func:`grouped_attention`, the
+    bundled model's attention in ``scripts/train_reward.py``.
     """
 
     name = "args_local_shared_past"
 
-    def __init__(self, torch: Any) -> None:
-        self.torch = torch
+    def __init__(self) -> None:
         self.past: list[tuple[Any, Any]] = []
         self.bias: Any = None
         self.new: dict[int, tuple[Any, Any]] = {}
 
     def __call__(self, module, query, key, value, attention_mask, scaling: float | None = None, **kwargs: Any):
-        torch, i = self.torch, module.layer_idx
+        from .attention import grouped_attention
+
+        i = module.layer_idx
         b, heads, n, d = query.shape
         kv_heads = key.shape[1]
         if scaling is None:  # GPT-2 passes none: its own rule
             scaling = d**-0.5 if getattr(module, "scale_attn_weights", True) else 1.0
             if getattr(module, "scale_attn_by_inverse_layer_idx", False):
                 scaling /= float(i + 1)
-        past_key, past_value = self.past[i]
         rep = heads // kv_heads
-        q = query.reshape(b, kv_heads, rep * n, d) * scaling
-        new = (torch.matmul(q, key.transpose(-1, -2)).view(b, kv_heads, rep, n, n) + self.bias[:, None, None]).view(b, kv_heads, rep * n, n)
-        scores = torch.cat((torch.matmul(q, past_key.permute(0, 2, 3, 1)), new), dim=-1)
-        attn = torch.softmax(scores, dim=-1)
-        past_len = past_key.shape[1]
-        out = torch.matmul(attn[..., :past_len], past_value.transpose(1, 2)) + torch.matmul(attn[..., past_len:], value)
-        self.new[i] = (key.transpose(1, 2), value.transpose(1, 2))
+        k, v = key.transpose(1, 2), value.transpose(1, 2)  # sequence-major, as the past
+        out = grouped_attention(query.reshape(b, kv_heads, rep * n, d) * scaling, k, v, self.bias[:, None, None], self.past[i])
+        self.new[i] = (k, v)
         return out.view(b, heads, n, d).transpose(1, 2), None
 
 
@@ -614,7 +611,7 @@ def _export_shared_past(deps: _Deps, model, head, out: Path, log) -> bool:
     torch, tf = deps.torch, deps.transformers
     from ..core.contract import padded_bias
 
-    attention = _SharedPastAttention(torch)
+    attention = _SharedPastAttention()
     tf.AttentionInterface.register(attention.name, attention)
     backbone, config = getattr(model, model.base_model_prefix), model.config
     layers, heads = config.num_hidden_layers, config.num_attention_heads  # GPT-2's n_layer, n_head too
@@ -713,15 +710,6 @@ def _add_cache_shapes(deps: _Deps, onnx_file: Path, manifest: dict[str, Any]) ->
             if len(dims) == 4 and dims[1] and dims[3]:
                 manifest["num_kv_heads"], manifest["head_dim"] = dims[1], dims[3]
             return
-
-
-def _with_key_after(d: dict[str, Any], after: str, key: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out[k] = v
-        if k == after:
-            out[key] = value
-    return out
 
 
 def _write_tokenizer(tok, path: Path, strip_special: bool) -> str:
