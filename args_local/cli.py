@@ -248,10 +248,12 @@ def chat(**opts: Any) -> None:
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 def eval_cmd(prompts_file: Path, output: Path | None, limit: int | None, no_plots: bool, **opts: Any) -> None:
     """Compare ARGS with greedy, top-k, nucleus and best-of-N on PROMPTS_FILE, scored by held-out judges."""
-    from .eval import command
+    from .eval import command, make_plan
+    from .runtime.models import default_reward
 
     models = models_from(opts)
-    plan = {"temperature": opts.pop("temp"), "sample_temperature": opts.pop("sample_temp"), **opts}
+    plan = make_plan(opts.pop("methods"), opts.pop("weights"), opts.pop("top_ks"), models.reward_model or default_reward(),
+                     temperature=opts.pop("temp"), sample_temperature=opts.pop("sample_temp"), **opts)
     click.echo(command(prompts_file, plan, models, output, limit, not no_plots, lambda msg: click.echo(f"args-local: {msg}", err=True)))
 
 

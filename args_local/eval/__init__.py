@@ -585,26 +585,28 @@ def default_weight(reward_path: Path) -> float:
     return manifest.suggested_weight if manifest else REFERENCE_WEIGHT
 
 
-def command(prompts_file: Path, plan_options: dict[str, Any], models: Any, out_path: Path | None,
-            limit: int | None, plots: bool, log: Callable[[str], None]) -> str:
-    """``args-local eval``: run what is missing, then the report (Markdown) for stdout.
+def make_plan(methods: str, weights: str | None, top_ks: str, reward_path: Path, **fields: Any) -> Plan:
+    """A plan from the comma-separated lists the user typed and the other :class:`Plan` fields;
+    no ``weights`` means the reward model's suggestion. A bad value raises :class:`SettingsError`."""
+    try:
+        return Plan(
+            methods=parse_list(methods, str, "--methods"),
+            weights=parse_list(weights, float, "--weights") if weights else (default_weight(reward_path),),
+            top_ks=parse_list(top_ks, int, "--top-ks"),
+            **fields,
+        )
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
 
-    ``plan_options`` are the plan's fields with ``methods``, ``weights`` and ``top_ks`` as the
-    comma-separated text the user typed; a bad value raises :class:`SettingsError`.
-    """
+
+def command(prompts_file: Path, plan: Plan, models: Any, out_path: Path | None,
+            limit: int | None, plots: bool, log: Callable[[str], None]) -> str:
+    """``args-local eval``: run what is missing, then the report (Markdown) for stdout."""
     from ..runtime.load import load_engine
     from ..runtime.models import default_policy, default_reward
 
     model_path = models.model or default_policy()
     reward_path = models.reward_model or default_reward()
-    o = dict(plan_options)
-    try:
-        o["weights"] = parse_list(o["weights"], float, "--weights") if o["weights"] else (default_weight(reward_path),)
-        o["methods"] = parse_list(o["methods"], str, "--methods")
-        o["top_ks"] = parse_list(o["top_ks"], int, "--top-ks")
-        plan = Plan(**o)
-    except ValueError as e:
-        raise SettingsError(str(e)) from None
     prompts = read_prompts(prompts_file, limit)
     out_path = out_path or Path(prompts_file.stem + ".eval.jsonl")
 
