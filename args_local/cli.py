@@ -193,7 +193,8 @@ def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full:
     from .runtime.load import load_engine
     from .runtime.memory import peak_rss_mb
 
-    engine = load_engine(models_from(opts))
+    models = models_from(opts)
+    engine = load_engine(models)
     settings = engine.resolve(Settings(top_k=top_k, weight=weight, max_tokens=max_tokens, ignore_eos=True))
     rows = b.bench(
         engine, prompt, b.variants(settings, full), max_tokens, repeats,
@@ -206,8 +207,13 @@ def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full:
     if ratios:
         click.echo("\n" + "\n".join(ratios))
     click.echo(f"\npeak memory of this benchmark process: {peak_rss_mb():.0f} MB")
-    first, peak = b.cold_start([prompt, "-n", "16"])
-    click.echo(f"default `args-local generate`: first token {first:.2f} s after launch, peak memory {peak:.0f} MB")
+    # The cold start runs the models benchmarked: a GPU machine may lack the default policy.
+    flags = [*(["-m", str(models.model)] if models.model else []),
+             *(["-r", str(models.reward_model)] if models.reward_model else []),
+             *(["-ngl", str(models.gpu_layers)] if models.gpu_layers else [])]
+    first, peak = b.cold_start([prompt, "-n", "16", *flags])
+    what = f"`args-local generate {' '.join(flags)}`" if flags else "default `args-local generate`"
+    click.echo(f"{what}: first token {first:.2f} s after launch, peak memory {peak:.0f} MB")
 
 
 CHAT = Settings(max_tokens=512)

@@ -25,12 +25,13 @@ def test_growth_ratios_use_the_longest_measured_length():
 
 
 @pytest.mark.slow
-def test_bench_command_prints_every_variant_and_the_ratios():
-    run = cli("bench", "-n", "130", "--repeats", "1", "--full")
+def test_bench_command_prints_every_variant_and_the_ratios(policy_path):
+    # -m: the cold start must run the benchmarked policy (a GPU machine may lack the default one)
+    run = cli("bench", "-m", str(policy_path), "-n", "130", "--repeats", "1", "--full")
     assert run.returncode == 0, run.stderr.decode()
     out = run.stdout.decode()
     for name in ("llama.cpp greedy", "greedy", "args-greedy k=10", "args-sample k=10", "args-greedy k=10 full re-scoring"):
         assert f"| {name}" in out
     assert re.search(r"per-token time @128 / @32: llama\.cpp greedy \d+\.\d\dx", out)
     assert re.search(r"args-greedy k=10 is \d+\.\dx faster per token than full re-scoring @128", out)
-    assert re.search(r"first token \d+\.\d\d s after launch, peak memory \d+ MB", out)
+    assert re.search(rf"`args-local generate -m {re.escape(str(policy_path))}`: first token \d+\.\d\d s after launch, peak memory \d+ MB", out)
