@@ -231,10 +231,20 @@ def machine_facts(run: Run, gpu_line: str) -> str:
         "CUDA (driver)": cuda.group(1) if cuda else "?",
         "nvcc": (m.group(1) if (m := re.search(r"release ([\d.]+, V[\d.]+)", nvcc)) else "not found"),
         "compute capability": cc,
+        # llama.cpp's CUDA backend links cuBLAS; a toolkit without it fails at CMake's configure.
+        "cuBLAS headers": _cublas(),
         "CPU cores": str(os.cpu_count()),
         "Python": platform.python_version(),
     })
     return cc.replace(".", "")
+
+
+def _cublas() -> str:
+    nvcc = nvcc_path()
+    if not nvcc:
+        return "no CUDA toolkit found"
+    found = sorted(Path(nvcc).resolve().parents[1].glob("**/cublas_v2.h"))
+    return str(found[0]) if found else "missing from the CUDA toolkit (the CUDA build will fail)"
 
 
 def nvcc_path() -> str | None:
@@ -290,7 +300,8 @@ def _pyproject() -> dict:
 def build_llama(run: Run, py: Path, flavour: str, cmake_args: str, limit_cap: float) -> Path | None:
     """Build (or reuse from an earlier run in the same --workdir) a llama-cpp-python wheel.
     pip's own wheel cache is bypassed: its key ignores CMAKE_ARGS, so it would hand back a CPU
-    build for a CUDA request."""
+    build for a CUDA request. The CMake build folder stays in the workdir, so a rerun after a
+    timeout continues where the build stopped."""
     out = run.work / "wheels" / flavour
     limit = min(limit_cap, run.left() - 120)  # leave time for the tests and the bench
     s, t0 = run.step(f"llama-cpp-python {flavour} build", limit), time.monotonic()
@@ -307,14 +318,15 @@ def build_llama(run: Run, py: Path, flavour: str, cmake_args: str, limit_cap: fl
     if nvcc_path():
         env["CUDACXX"] = nvcc_path() or ""
     extra = ["--no-build-isolation"] if run.args.no_index else []
-    rc, text = run_logged(pip(py, run, "wheel", "-v", "--no-deps", "--no-cache-dir", *extra, "-w", str(out),
+    build_dir = f"--config-settings=build-dir={run.work / 'cmake' / flavour}"
+    rc, text = run_logged(pip(py, run, "wheel", "-v", "--no-deps", "--no-cache-dir", build_dir, *extra, "-w", str(out),
                               llama_source(run)), s.log, limit, env)
     built = sorted(out.glob("llama_cpp_python-*.whl"))
     if rc == 0 and built:
         run.done(s, "ok", t0, f"CMAKE_ARGS={cmake_args}")
         return built[-1]
     why = "timed out" if rc is None else f"failed (exit {rc})"
-    errors = [line.strip() for line in text.splitlines() if re.search(r"error|Error", line)]
+    errors = [line.strip() for line in text.splitlines() if re.search(r"CMake Error|FAILED: |\berror:|\bError:", line)]
     run.done(s, "timed out" if rc is None else "failed", t0, f"{why}; {errors[0][:200] if errors else 'see the log tail'}")
     shutil.rmtree(out, ignore_errors=True)
     return None
