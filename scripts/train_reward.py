@@ -187,7 +187,7 @@ class Block(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         qg = q.view(b, n, kvh, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, rep * n, d) / math.sqrt(d)
-        out = grouped_attention(qg, k, v, bias, past)
+        out = grouped_attention(qg, k, v, bias, past, (b, n, kvh, rep))
         out = out.view(b, kvh, rep, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, -1)
         x = x + self.o_proj(out)
         y = self.post_attention_layernorm(x)

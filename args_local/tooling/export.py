@@ -600,7 +600,8 @@ class _SharedPastAttention:
                 scaling /= float(i + 1)
         rep = heads // kv_heads
         k, v = key.transpose(1, 2), value.transpose(1, 2)  # sequence-major, as the past
-        out = grouped_attention(query.reshape(b, kv_heads, rep * n, d) * scaling, k, v, self.bias[:, None, None], self.past[i])
+        q = query.reshape(b, kv_heads, rep * n, d) * scaling
+        out = grouped_attention(q, k, v, self.bias[:, None, None], self.past[i], (b, n, kv_heads, rep))
         self.new[i] = (k, v)
         return out.view(b, heads, n, d).transpose(1, 2), None
 
