@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import click
 
+from .core.defaults import CHAT, ENV_VARS, GENERATE
 from .core.errors import ArgsLocalError, PromptError, SettingsError
 from .core.settings import KNOBS, Settings  # pure: the runtimes themselves are imported lazily
 
@@ -133,7 +134,6 @@ def read_stdin() -> str:
         raise PromptError(f"stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
-GENERATE = Settings()
 SEARCH = ("top_k", "weight", "mode", "temperature", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
           "presence_penalty", "frequency_penalty", "seed")
 
@@ -214,9 +214,6 @@ def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full:
     first, peak = b.cold_start([prompt, "-n", "16", *flags])
     what = f"`args-local generate {' '.join(flags)}`" if flags else "default `args-local generate`"
     click.echo(f"{what}: first token {first:.2f} s after launch, peak memory {peak:.0f} MB")
-
-
-CHAT = Settings(max_tokens=512)
 
 
 @main.command()
