@@ -94,13 +94,23 @@ def settings_from(opts: dict[str, Any], defaults: Settings = Settings()) -> Sett
     return defaults.update({k: v for k, v in given.items() if v is not None and v != ()})
 
 
+def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion of ``-m``: the names ``args-local models`` lists, and file names."""
+    from click.shell_completion import CompletionItem
+
+    from .runtime.models import find_models
+
+    names = sorted({n for m in find_models() for n in (m.name, *m.aliases) if n.startswith(incomplete)})
+    return [CompletionItem(n) for n in names] + [CompletionItem(incomplete, type="file")]
+
+
 def model_options(f: Callable) -> Callable:
     """Flags that choose and run the models, named as in llama.cpp's CLI."""
     options = [
-        click.option("-m", "--model", type=click.Path(path_type=Path), help="GGUF policy model [default: SmolLM2-135M-Instruct]"),
-        click.option("-r", "--reward-model", type=click.Path(path_type=Path), help="reward-model folder or .onnx file [default: the shipped sentiment model]"),
+        click.option("-m", "--model", metavar="NAME|GGUF", envvar=ENV_VARS["model"], show_envvar=True, shell_complete=complete_model, help="GGUF policy model: a file, or a name that `args-local models` lists [default: SmolLM2-135M-Instruct]"),
+        click.option("-r", "--reward-model", type=click.Path(path_type=Path), envvar=ENV_VARS["reward_model"], show_envvar=True, help="reward-model folder or .onnx file [default: the shipped sentiment model]"),
         click.option("-c", "--ctx-size", type=int, default=4096, show_default=True, help="context window of the policy, in tokens"),
-        click.option("-t", "--threads", type=int, help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
+        click.option("-t", "--threads", type=int, envvar=ENV_VARS["threads"], show_envvar=True, help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
         click.option("-ngl", "--gpu-layers", type=int, default=0, show_default=True, help="policy layers to offload to the GPU (-1: all); also puts the reward model on CUDA when available"),
         click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's and onnxruntime's logs and timings on stderr"),
     ]
@@ -288,6 +298,21 @@ def info(path: Path) -> None:
 
     for key, value in describe(path):
         click.echo(f"{key}: {value}")
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the GGUF models that -m takes by name: bundled, ollama's, LM Studio's, the Hugging Face cache's."""
+    from .runtime.models import find_models, hf_hub_dir, lm_studio_dirs, ollama_dir
+
+    found = find_models()
+    width = max((len(m.name) for m in found), default=4)
+    click.echo(f"{'NAME':<{width}}  {'SIZE':>8}  {'SOURCE':<26}  PATH")
+    for m in found:
+        size = f"{m.size / 1e9:.1f} GB" if m.size >= 1e9 else f"{m.size / 1e6:.0f} MB"
+        click.echo(f"{m.name:<{width}}  {size:>8}  {m.source:<26}  {m.path}")
+    searched = [ollama_dir(), *lm_studio_dirs(), hf_hub_dir()]
+    click.echo(f"args-local: {len(found)} models; searched the installed llm-* packages, {', '.join(map(str, searched))}", err=True)
 
 
 def _log_timings(result) -> None:
