@@ -170,23 +170,22 @@ def generate(prompt: str | None, as_json: bool, batch: Path | None, output: Path
         raise click.UsageError("-o/--output and --resume go with --batch")
     if prompt is None:
         prompt = read_stdin()
+    from .api import Model
     from .batch import report
-    from .core.request import Result
     from .runtime.load import load_engine
 
-    engine = load_engine(models)
-    request = engine.request(prompt, settings)
-    result = Result()
-    for piece in engine.stream(request, result):
-        if not as_json and piece.text:
-            sys.stdout.write(piece.text)
+    model = Model(load_engine(models))
+    stream = model.stream(prompt, settings)
+    for text in stream:
+        if not as_json:
+            sys.stdout.write(text)
             sys.stdout.flush()
     if as_json:
-        click.echo(json.dumps(report(request, result, engine), ensure_ascii=False))
+        click.echo(json.dumps(report(stream.request, stream.result, model.engine), ensure_ascii=False))
     else:
         click.echo()
     if models.verbose:
-        _log_timings(result)
+        _log_timings(stream.result)
 
 
 @main.command()
