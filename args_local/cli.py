@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import click
 
+from .core.defaults import CHAT, ENV_VARS, GENERATE
 from .core.errors import ArgsLocalError, PromptError, SettingsError
 from .core.settings import KNOBS, Settings  # pure: the runtimes themselves are imported lazily
 
@@ -93,13 +94,23 @@ def settings_from(opts: dict[str, Any], defaults: Settings = Settings()) -> Sett
     return defaults.update({k: v for k, v in given.items() if v is not None and v != ()})
 
 
+def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion of ``-m``: the names ``args-local models`` lists, and file names."""
+    from click.shell_completion import CompletionItem
+
+    from .runtime.models import find_models
+
+    names = sorted({n for m in find_models() for n in (m.name, *m.aliases) if n.startswith(incomplete)})
+    return [CompletionItem(n) for n in names] + [CompletionItem(incomplete, type="file")]
+
+
 def model_options(f: Callable) -> Callable:
     """Flags that choose and run the models, named as in llama.cpp's CLI."""
     options = [
-        click.option("-m", "--model", type=click.Path(path_type=Path), help="GGUF policy model [default: SmolLM2-135M-Instruct]"),
-        click.option("-r", "--reward-model", type=click.Path(path_type=Path), help="reward-model folder or .onnx file [default: the shipped sentiment model]"),
+        click.option("-m", "--model", metavar="NAME|GGUF", envvar=ENV_VARS["model"], show_envvar=True, shell_complete=complete_model, help="GGUF policy model: a file, or a name that `args-local models` lists [default: SmolLM2-135M-Instruct]"),
+        click.option("-r", "--reward-model", type=click.Path(path_type=Path), envvar=ENV_VARS["reward_model"], show_envvar=True, help="reward-model folder or .onnx file [default: the shipped sentiment model]"),
         click.option("-c", "--ctx-size", type=int, default=4096, show_default=True, help="context window of the policy, in tokens"),
-        click.option("-t", "--threads", type=int, help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
+        click.option("-t", "--threads", type=int, envvar=ENV_VARS["threads"], show_envvar=True, help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
         click.option("-ngl", "--gpu-layers", type=int, default=0, show_default=True, help="policy layers to offload to the GPU (-1: all); also puts the reward model on CUDA when available"),
         click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's and onnxruntime's logs and timings on stderr"),
     ]
@@ -133,7 +144,6 @@ def read_stdin() -> str:
         raise PromptError(f"stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
-GENERATE = Settings()
 SEARCH = ("top_k", "weight", "mode", "temperature", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
           "presence_penalty", "frequency_penalty", "seed")
 
@@ -160,23 +170,22 @@ def generate(prompt: str | None, as_json: bool, batch: Path | None, output: Path
         raise click.UsageError("-o/--output and --resume go with --batch")
     if prompt is None:
         prompt = read_stdin()
+    from .api import Model
     from .batch import report
-    from .core.request import Result
     from .runtime.load import load_engine
 
-    engine = load_engine(models)
-    request = engine.request(prompt, settings)
-    result = Result()
-    for piece in engine.stream(request, result):
-        if not as_json and piece.text:
-            sys.stdout.write(piece.text)
+    model = Model(load_engine(models))
+    stream = model.stream(prompt, settings)
+    for text in stream:
+        if not as_json:
+            sys.stdout.write(text)
             sys.stdout.flush()
     if as_json:
-        click.echo(json.dumps(report(request, result, engine), ensure_ascii=False))
+        click.echo(json.dumps(report(stream.request, stream.result, model.engine), ensure_ascii=False))
     else:
         click.echo()
     if models.verbose:
-        _log_timings(result)
+        _log_timings(stream.result)
 
 
 @main.command()
@@ -214,9 +223,6 @@ def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full:
     first, peak = b.cold_start([prompt, "-n", "16", *flags])
     what = f"`args-local generate {' '.join(flags)}`" if flags else "default `args-local generate`"
     click.echo(f"{what}: first token {first:.2f} s after launch, peak memory {peak:.0f} MB")
-
-
-CHAT = Settings(max_tokens=512)
 
 
 @main.command()
@@ -291,6 +297,21 @@ def info(path: Path) -> None:
 
     for key, value in describe(path):
         click.echo(f"{key}: {value}")
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the GGUF models that -m takes by name: bundled, ollama's, LM Studio's, the Hugging Face cache's."""
+    from .runtime.models import find_models, hf_hub_dir, lm_studio_dirs, ollama_dir
+
+    found = find_models()
+    width = max((len(m.name) for m in found), default=4)
+    click.echo(f"{'NAME':<{width}}  {'SIZE':>8}  {'SOURCE':<26}  PATH")
+    for m in found:
+        size = f"{m.size / 1e9:.1f} GB" if m.size >= 1e9 else f"{m.size / 1e6:.0f} MB"
+        click.echo(f"{m.name:<{width}}  {size:>8}  {m.source:<26}  {m.path}")
+    searched = [ollama_dir(), *lm_studio_dirs(), hf_hub_dir()]
+    click.echo(f"args-local: {len(found)} models; searched the installed llm-* packages, {', '.join(map(str, searched))}", err=True)
 
 
 def _log_timings(result) -> None:

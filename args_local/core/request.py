@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+from .errors import PromptError
 from .search import Step
 from .settings import Settings
 
@@ -18,6 +19,27 @@ class Request:
     prompt: str
     tokens: Sequence[int]
     settings: Settings = Settings()
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """A conversation as the chat template takes it: ``{"role", "content"}`` dicts with a known
+    role and text content, ending in a user message (the one the reply answers), or a
+    :class:`PromptError` that names the first message that is not."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise PromptError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+    checked = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise PromptError(f"message {i} must have a role ({', '.join(ROLES)}) and a string content")
+        checked.append({"role": role, "content": content})
+    if checked[-1]["role"] != "user" or not checked[-1]["content"].strip():
+        raise PromptError("the last message must be the user's, and not empty: it is what the reply answers")
+    return checked
 
 
 @dataclass

@@ -603,9 +603,9 @@ def command(prompts_file: Path, plan: Plan, models: Any, out_path: Path | None,
             limit: int | None, plots: bool, log: Callable[[str], None]) -> str:
     """``args-local eval``: run what is missing, then the report (Markdown) for stdout."""
     from ..runtime.load import load_engine
-    from ..runtime.models import default_policy, default_reward
+    from ..runtime.models import default_reward, resolve_policy
 
-    model_path = models.model or default_policy()
+    model_path = resolve_policy(models.model)
     reward_path = models.reward_model or default_reward()
     prompts = read_prompts(prompts_file, limit)
     out_path = out_path or Path(prompts_file.stem + ".eval.jsonl")

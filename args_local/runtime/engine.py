@@ -5,11 +5,11 @@ counted; generate, chat, batch, eval and bench all consume :meth:`Engine.stream`
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 from ..core.errors import PromptError, SettingsError
 from ..core.manifest import REFERENCE_WEIGHT
-from ..core.request import Piece, Request, Result
+from ..core.request import Piece, Request, Result, chat_messages
 from ..core.search import args_search
 from ..core.settings import Settings
 from ..core.text import StopFilter, Utf8Pieces
@@ -60,6 +60,18 @@ class Engine:
         """A request for one user prompt under ``settings`` (checked and completed here)."""
         settings = self.resolve(settings)
         return Request(prompt=prompt, tokens=self.encode(prompt, settings.system, settings.raw), settings=settings)
+
+    def chat_request(self, messages: Sequence[Mapping[str, Any]], settings: Settings) -> Request:
+        """A request for the next reply of a conversation (see :func:`chat_messages`), rendered
+        whole in the chat template. ``settings.system`` is used when the messages hold no
+        system message of their own."""
+        settings = self.resolve(settings)
+        if settings.raw:
+            raise SettingsError("raw does not apply to a conversation: its messages are rendered in the chat template", "raw")
+        checked = chat_messages(messages)
+        if settings.system and checked[0]["role"] != "system":
+            checked.insert(0, {"role": "system", "content": settings.system})
+        return Request(prompt=checked[-1]["content"], tokens=self.policy.encode_chat(checked), settings=settings)
 
     def stream(self, request: Request, result: Result, continues: bool = False) -> Iterator[Piece]:
         """Yield text pieces as they are decided, filling ``result`` as it goes.

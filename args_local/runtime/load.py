@@ -20,9 +20,10 @@ def max_threads() -> int:
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """Which models to load and how to run them (what a request cannot change)."""
+    """Which models to load and how to run them (what a request cannot change). ``model`` is a
+    GGUF path or a name that :func:`~args_local.runtime.models.resolve_policy` finds."""
 
-    model: Path | None = None
+    model: str | Path | None = None
     reward_model: Path | None = None
     ctx_size: int = 4096
     threads: int | None = None
@@ -42,14 +43,14 @@ def load_engine(options: ModelOptions, with_reward: bool = True) -> Engine:
     """The policy and reward model named by ``options`` (the embedded defaults otherwise),
     with llama.cpp's and onnxruntime's logs kept off the terminal unless ``verbose``."""
     from . import policy as policy_mod
-    from .models import default_policy, default_reward
+    from .models import default_reward, resolve_policy
     from .reward import RewardModel, quiet_onnxruntime
 
     policy_mod.set_verbose(options.verbose)
     quiet_onnxruntime(not options.verbose)
     logging.getLogger("args_local").setLevel(logging.INFO if options.verbose else logging.WARNING)
     policy = policy_mod.LlamaPolicy(
-        options.model or default_policy(),
+        resolve_policy(options.model),
         n_ctx=options.ctx_size,
         n_threads=options.threads,
         n_gpu_layers=options.gpu_layers,
