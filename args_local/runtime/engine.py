@@ -5,17 +5,28 @@ counted; generate, chat, batch, eval and bench all consume :meth:`Engine.stream`
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from ..core.errors import PromptError, SettingsError
 from ..core.manifest import REFERENCE_WEIGHT
 from ..core.request import Piece, Request, Result, chat_messages
-from ..core.search import args_search
+from ..core.search import Policy, Step, args_search
 from ..core.settings import Settings
 from ..core.text import StopFilter, Utf8Pieces
 from .caches import make_scorer
 from .policy import LlamaPolicy
 from .reward import RewardModel
+
+
+class StreamPolicy(Policy, Protocol):
+    """What :meth:`Engine.stream` needs of a policy beyond the search's protocol:
+    :class:`LlamaPolicy`, or one sequence of the server's batched context."""
+
+    def start(self, tokens: Sequence[int], reuse_prefix: bool = False) -> None: ...
+
+    def room(self) -> int: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
 
 
 class Engine:
@@ -73,17 +84,18 @@ class Engine:
             checked.insert(0, {"role": "system", "content": settings.system})
         return Request(prompt=checked[-1]["content"], tokens=self.policy.encode_chat(checked), settings=settings)
 
-    def stream(self, request: Request, result: Result, continues: bool = False) -> Iterator[Piece]:
+    def stream(self, request: Request, result: Result, continues: bool = False, policy: StreamPolicy | None = None) -> Iterator[Piece]:
         """Yield text pieces as they are decided, filling ``result`` as it goes.
 
         ``result`` is complete when the iterator ends, and stays consistent if the consumer
         stops early (Ctrl-C): it then holds what was shown. ``continues`` marks a request
         that extends the previous one (a chat's next turn): only its new tokens are evaluated.
+        ``policy`` replaces the engine's own (the server's per-request sequences of
+        :mod:`args_local.runtime.batched`); it needs ``start``, ``room`` and ``token_bytes``.
         """
         start = time.perf_counter()
-        policy, reward = self.policy, self.reward
+        policy, reward = policy or self.policy, self.reward
         settings = self.resolve(request.settings)
-        before = reward.stats.copy() if reward else None
         policy.start(request.tokens, reuse_prefix=continues)
         result.prompt_tokens = len(request.tokens)
         scorer = None
@@ -94,7 +106,8 @@ class Engine:
         budget = min(settings.max_tokens, policy.room())
 
         try:
-            for step in args_search(policy, scorer, settings, budget, request.tokens):
+            steps = args_search(policy, scorer, settings, budget, request.tokens)
+            for step in _charged(steps, reward, result) if reward is not None else steps:
                 result.tokens += 1
                 if result.first_token_s is None:
                     result.first_token_s = time.perf_counter() - start
@@ -116,8 +129,6 @@ class Engine:
                 yield Piece(tail, step)
         finally:
             result.elapsed_s = time.perf_counter() - start
-            if reward is not None and before is not None:
-                result.reward_cost = reward.stats.since(before)
 
     def generate(self, request: Request, continues: bool = False) -> Result:
         """The whole reply at once."""
@@ -125,3 +136,17 @@ class Engine:
         for _ in self.stream(request, result, continues):
             pass
         return result
+
+
+def _charged(steps: Iterator[Step], reward: RewardModel, result: Result) -> Iterator[Step]:
+    """The search's steps, with the reward model's cost spent inside each one added to
+    ``result``: requests whose steps interleave (the server's) each count only their own."""
+    while True:
+        before = reward.stats.copy()
+        try:
+            step = next(steps)
+        except StopIteration:
+            return
+        finally:
+            result.reward_cost = result.reward_cost + reward.stats.since(before)
+        yield step

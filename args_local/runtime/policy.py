@@ -19,6 +19,7 @@ from typing import Sequence
 # made a 2-thread decode 3x slower here. A short spin keeps both fast.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+import jinja2  # noqa: E402
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
@@ -26,6 +27,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 from ..core.errors import ModelError, PromptError  # noqa: E402
 
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
+N_BATCH = 512  # tokens per llama_decode: a prompt is evaluated in chunks of this size
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=20)
 _VERBOSE = False
 
@@ -86,7 +88,7 @@ class LlamaPolicy:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
-                n_batch=min(512, n_ctx),
+                n_batch=min(N_BATCH, n_ctx),
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=n_gpu_layers,
@@ -159,7 +161,10 @@ class LlamaPolicy:
             eos = self.token_text(self.llm.token_eos())
             bos = self.token_text(self.llm.token_bos())
             self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)  # compiled once
-        return self._formatter(messages=list(messages)).prompt
+        try:
+            return self._formatter(messages=list(messages)).prompt
+        except (jinja2.TemplateError, ValueError) as e:  # raise_exception in the template (roles out of order...)
+            raise PromptError(f"the chat template of {self.path.name} refused these messages: {e}") from None
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         """Token ids of ``text``, with the BOS token where the model asks for one."""
