@@ -239,6 +239,32 @@ def chat(**opts: Any) -> None:
     repl(ChatSession(engine, engine.resolve(settings), verbose=models.verbose))
 
 
+@main.command()
+@model_options
+@settings_options(*SEARCH, "max_tokens", "ignore_eos", defaults=GENERATE)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every interface; see --api-key)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="port to listen on (0: any free one)")
+@click.option("-np", "--parallel", type=click.IntRange(1, 256), default=4, show_default=True, help="requests decoded together; each holds -c tokens of llama.cpp's KV cache")
+@click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True, help="requests that may wait for a free sequence; more get 429")
+@click.option("--api-key", envvar="ARGS_LOCAL_API_KEY", help="require 'Authorization: Bearer KEY' [env: ARGS_LOCAL_API_KEY]")
+def serve(host: str, port: int, parallel: int, queue: int, api_key: str | None, **opts: Any) -> None:
+    """Serve the OpenAI API (chat and completions, streamed or not) with ARGS decoding.
+
+    The flags set the defaults of every request; a request's own fields override them
+    (temperature 0: ARGS-greedy; top_k, reward_weight, min_p, repeat_penalty, ignore_eos
+    as extensions).
+    """
+    from .serve import ServeOptions, serve as run
+
+    settings = settings_from(opts, GENERATE)
+    models = models_from(opts)
+    try:
+        run(models, settings, ServeOptions(host, port, parallel, queue, api_key or None),
+            announce=lambda msg: click.echo(f"args-local: {msg}", err=True))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: uvicorn has closed the connections
+        click.echo("args-local: server stopped", err=True)
+
+
 @main.command("eval")
 @click.argument("prompts_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @model_options

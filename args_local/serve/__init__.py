@@ -1,0 +1,70 @@
+"""``args-local serve``: an OpenAI-compatible HTTP server with ARGS decoding and continuous
+batching (Starlette, sse-starlette and uvicorn, from the ``server`` extra)."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+from ..core.errors import ArgsLocalError
+from ..core.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where to listen and how much to take on (what the command's flags set)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 4
+    queue: int = 16
+    api_key: str | None = None
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here so that port 0 (any free port) can be reported."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ArgsLocalError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(models, defaults: Settings, options: ServeOptions, announce: Callable[[str], None]) -> None:
+    """Load the models (``models``: the runtime's ModelOptions), then answer requests until
+    interrupted (Ctrl-C, SIGTERM); ``announce`` gets one line when the server is ready."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ArgsLocalError("the server needs the server extra: pip install 'args-local[server]'") from None
+    from ..runtime.batched import Batch
+    from ..runtime.load import MIN_CTX, load_engine
+    from .app import Api
+    from .scheduler import Scheduler
+
+    # The engine's own llama.cpp context only tokenizes here: keep it small. The requests'
+    # sequences live in the batch's context, -c tokens each.
+    engine = load_engine(dataclasses.replace(models, ctx_size=MIN_CTX))
+    batch = Batch(engine, options.parallel, models.ctx_size)
+    scheduler = Scheduler(batch, options.queue)
+    model_id = engine.policy.path.stem
+    api = Api(engine, scheduler, defaults, model_id, batch.policy.n_ctx, options.api_key)
+    sock = listen(options.host, options.port)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(
+        api.app(), log_level="info" if models.verbose else "warning", access_log=models.verbose,
+        timeout_graceful_shutdown=5, server_header=False,
+    )
+    scheduler.start()
+    url_host = f"[{host}]" if ":" in host else host
+    announce(f"serving {model_id} on http://{url_host}:{port}/v1 ({options.parallel} in parallel, "
+             f"{options.queue} queued, {batch.policy.n_ctx} tokens of context each"
+             f"{', API key required' if options.api_key else ''})")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        scheduler.stop()
+        batch.close()
+        sock.close()
