@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
@@ -110,7 +111,8 @@ class Api:
         if call.model is not None and call.model != self.model_id:
             raise ApiError(404, f"model {call.model!r} is not served here; GET /v1/models lists {self.model_id!r}",
                            param="model", code="model_not_found")
-        job = Job(self._request(call), asyncio.get_running_loop())
+        # Rendering and tokenizing a long conversation takes a while: off the event loop.
+        job = Job(await run_in_threadpool(self._request, call), asyncio.get_running_loop())
         try:
             self.scheduler.submit(job)
         except Busy as e:
@@ -156,7 +158,7 @@ class Api:
                 kind, value = get.result()
                 if kind == "done":
                     return JSONResponse(reply.whole(job.result, job.request.settings))
-                if kind in ("error", "cancelled"):
+                if kind == "error":
                     raise failure(value)
         finally:
             left.cancel()
@@ -166,23 +168,27 @@ class Api:
         done = False
         try:
             if reply.chat:
-                yield json.dumps(reply.first())
+                yield _json(reply.first())
             while True:
                 kind, value = await job.events.get()
                 if kind == "text":
-                    yield json.dumps(reply.piece(value))
+                    yield _json(reply.piece(value))
                     continue
                 done = True
                 if kind == "done":
                     for chunk in reply.last(job.result, job.request.settings):
-                        yield json.dumps(chunk)
+                        yield _json(chunk)
                 else:
-                    yield json.dumps(failure(value).body())
+                    yield _json(failure(value).body())
                 yield "[DONE]"
                 return
         finally:
             if not done:
                 self.scheduler.cancel(job)
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
 async def _disconnected(http: HttpRequest) -> None:
@@ -191,10 +197,10 @@ async def _disconnected(http: HttpRequest) -> None:
         pass
 
 
-def failure(error: Any) -> ApiError:
+def failure(error: Exception) -> ApiError:
     """An error raised while decoding, as the client sees it."""
     if isinstance(error, ArgsLocalError):
-        return ApiError(500, str(error), "server_error", code=type(error).__name__)
+        return ApiError(500, str(error), "server_error")
     return ApiError(500, f"internal error: {type(error).__name__}: {error}", "server_error")
 
 

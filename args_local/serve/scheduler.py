@@ -106,12 +106,11 @@ class Scheduler:
     def _run(self) -> None:
         while self._tick():
             pass
-        for job in list(self._active.values()):
-            self._end(job, "cancelled")
+        stopping = ArgsLocalError("the server is shutting down")
         with self._cond:
-            for job in self._waiting:
-                job._put("error", RuntimeError("the server is shutting down"))
-            self._waiting.clear()
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for job in [*self._active.values(), *waiting]:
+            self._end(job, "error", stopping)
 
     def _tick(self) -> bool:
         """One step boundary and one step; False when stopping."""
