@@ -19,15 +19,15 @@ each request keeps its own reward KV cache, and the cache contracts
 (:mod:`args_local.core.contract`) read one past per call, so candidates of requests with
 different pasts cannot share a call.
 
-Reproducibility: llama.cpp's logits depend on the shape of the batch that computed them, so
-a token decoded beside other sequences can differ in the last bits from the same token
-decoded alone, which can flip a near tie. A request alone in the server decodes exactly as
-``generate`` does.
+Reproducibility: llama.cpp's logits can depend on the shape of the batch that computed them.
+A request alone decodes exactly as ``generate`` does (same chunks for its prompt, one row per
+step). Beside others, on the CPU backend, it measured token for token the same too: its
+KV cells are its own and a step's rows go through the same kernels one row at a time. Other
+backends pick kernels by batch size; there a near tie may flip (the README says more).
 """
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
