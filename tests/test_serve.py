@@ -225,6 +225,18 @@ def test_client_that_leaves_mid_stream_cancels_its_generation(lone, lone_server,
     assert time.monotonic() - left < 5
 
 
+def test_client_that_leaves_before_a_whole_reply_cancels_it(lone_server, model):
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2000, "ignore_eos": True,
+            "temperature": 0, "reward_weight": 0, "top_k": 1}
+    request = urllib.request.Request(f"{lone_server.url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):  # urllib gives up and closes the connection
+        urllib.request.urlopen(request, timeout=2)
+    left = time.monotonic()
+    wait_for(lone_server, timeout=30, active=0)
+    assert time.monotonic() - left < 5
+
+
 def test_full_queue_is_429_with_retry_after(lone, lone_server, model):
     long = {"max_tokens": 1000, "stream": True, "extra_body": {"ignore_eos": True}}
     running = chat(lone, model, **long)
