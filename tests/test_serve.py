@@ -159,6 +159,13 @@ def test_invalid_values_are_400_naming_the_field(client, model, field, value):
     assert field in e.value.body["message"]
 
 
+@pytest.mark.parametrize("messages", ["not a list", [], [{"role": "tool", "content": "x"}], [{"role": "assistant", "content": "hi"}]])
+def test_malformed_conversations_are_400(client, model, messages):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=messages)
+    assert e.value.body["param"] == "messages"
+
+
 def test_prompt_longer_than_the_context_is_400(client, model):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, model, "word " * 600)

@@ -126,23 +126,18 @@ class Api:
     def _request(self, call: Call) -> Request:
         """The prompt's tokens and the settings, checked against this model and context."""
         try:
-            settings = self.engine.resolve(call.settings)
             if call.messages is not None:
-                users = [m["content"] for m in call.messages if m["role"] == "user"]
-                text = users[-1] if users else call.messages[-1]["content"]  # what a pair-format reward model reads
-                tokens = self.engine.policy.encode_chat(call.messages)
+                request = self.engine.chat_request(call.messages, call.settings)
             else:
-                assert call.prompt is not None
-                text = call.prompt
-                tokens = self.engine.encode(call.prompt, raw=True)
+                request = self.engine.request(call.prompt or "", call.settings)
         except SettingsError as e:
             raise invalid(e, call.param) from None
         except PromptError as e:
             raise bad(str(e), call.text_param) from None
-        if len(tokens) >= self.n_ctx:
-            raise bad(f"the prompt is {len(tokens)} tokens but the context window is {self.n_ctx} per request; "
+        if len(request.tokens) >= self.n_ctx:
+            raise bad(f"the prompt is {len(request.tokens)} tokens but the context window is {self.n_ctx} per request; "
                       "restart the server with a larger -c", call.text_param, "context_length_exceeded")
-        return Request(prompt=text, tokens=tokens, settings=settings)
+        return request
 
     async def _whole(self, http: HttpRequest, job: Job, reply: Reply) -> Response:
         """Wait for the job while watching for the client to leave (then cancel it)."""

@@ -30,7 +30,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
     "suffix": ("",), "tools": ([],), "functions": ([],),
 }
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FINISH = {"eog": "stop", "stop": "stop", "length": "length", "context": "length"}
 
 
@@ -58,7 +57,7 @@ class Call:
     settings: Settings
     stream: bool = False
     include_usage: bool = False
-    messages: list[dict[str, str]] | None = None  # chat
+    messages: Any = None  # chat: checked when the engine renders them
     prompt: str | None = None  # completions
     model: str | None = None
     param: dict[str, str] = field(default_factory=dict)  # setting -> the field that set it, for errors
@@ -136,24 +135,22 @@ def _model(body: Mapping[str, Any]) -> str | None:
     return model
 
 
-def messages(value: Any) -> list[dict[str, str]]:
-    """Chat messages as ``{"role", "content"}`` with text content: a string, or OpenAI's list
-    of text parts. ``developer`` is OpenAI's newer name for ``system``."""
-    if not isinstance(value, list) or not value:
-        raise bad("messages must be a non-empty list", "messages")
+def messages(value: Any) -> Any:
+    """OpenAI's message forms in the shape :func:`~args_local.core.request.chat_messages` checks:
+    content as a list of text parts joined into one string, ``developer`` (OpenAI's newer name)
+    as ``system``. Anything else is left for that check to name."""
+    if not isinstance(value, list):
+        return value
     out = []
     for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise bad(f"{where} must be an object with a role of {', '.join(ROLES)}", where)
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise bad(f"{where}.content: only text parts are supported", f"{where}.content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
-        out.append({"role": ROLES[m["role"]], "content": content})
+        if isinstance(m, dict):
+            content = m.get("content")
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                    raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                content = "".join(p["text"] for p in content)
+            m = {"role": "system" if m.get("role") == "developer" else m.get("role"), "content": content}
+        out.append(m)
     return out
 
 
