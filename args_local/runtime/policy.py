@@ -21,9 +21,12 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
-from ..core.errors import ModelError, PromptError  # noqa: E402
+from ..core.errors import ModelError, PromptError, SettingsError  # noqa: E402
+from ..core.gguf import kv_cache_bytes, read_gguf  # noqa: E402
+from ..core.text import text_problem  # noqa: E402
+from .memory import available_bytes  # noqa: E402
+from .template import ChatTemplate  # noqa: E402
 
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=20)
@@ -63,6 +66,17 @@ def check_gguf(path: Path) -> None:
         raise ModelError(f"policy model is not a GGUF file: {path} (llama.cpp needs a .gguf model)")
 
 
+def check_memory(path: Path, n_ctx: int) -> None:
+    """Refuse a context window whose KV cache cannot fit in memory, before llama.cpp allocates
+    it: a large enough ``-c`` otherwise grows until the system kills the process (or another)."""
+    need, free = kv_cache_bytes(read_gguf(path, full=False)[1], n_ctx), available_bytes()
+    if need is not None and free is not None and need > free:
+        raise SettingsError(
+            f"-c {n_ctx} needs about {need / 2**30:.1f} GiB for llama.cpp's KV cache, but {free / 2**30:.1f} GiB "
+            f"of memory is available; pass a smaller -c"
+        )
+
+
 class LlamaPolicy:
     """A GGUF model with one context whose KV cache follows the evaluated tokens.
 
@@ -79,6 +93,8 @@ class LlamaPolicy:
         seed: int | None = None,
     ) -> None:
         check_gguf(path)
+        if n_gpu_layers == 0:
+            check_memory(path, n_ctx)
         # llama.cpp's own default: one thread per physical core (half the logical ones here).
         threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         _LOG_TAIL.clear()
@@ -110,7 +126,7 @@ class LlamaPolicy:
         self._logits: np.ndarray | None = None
         self._prompt_end: tuple[int, np.ndarray] | None = None  # (length, logits) of the last whole prompt
         self._piece_buf = ctypes.create_string_buffer(64)
-        self._formatter: Jinja2ChatFormatter | None = None
+        self._template: ChatTemplate | None = None
 
     # -- prompts ----------------------------------------------------------------
 
@@ -145,12 +161,13 @@ class LlamaPolicy:
             if skip_chars >= len(text):
                 skip_chars -= len(text)
                 continue
-            ids += self.llm.tokenize(text[skip_chars:].encode("utf-8"), add_bos=False, special=special)
+            ids += self.llm.tokenize(_utf8(text[skip_chars:]), add_bos=False, special=special)
             skip_chars = 0
         return self._with_bos(ids) if whole else ids
 
     def _render(self, messages: Sequence[dict[str, str]]) -> str:
-        if self._formatter is None:
+        """The model's own chat template, rendered within bounds (see :mod:`.template`)."""
+        if self._template is None:
             template = self.chat_template
             if not template:
                 raise PromptError(
@@ -158,12 +175,12 @@ class LlamaPolicy:
                 )
             eos = self.token_text(self.llm.token_eos())
             bos = self.token_text(self.llm.token_bos())
-            self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)  # compiled once
-        return self._formatter(messages=list(messages)).prompt
+            self._template = ChatTemplate(template, self.path.name, eos_token=eos, bos_token=bos)  # compiled once
+        return self._template.render(messages)
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         """Token ids of ``text``, with the BOS token where the model asks for one."""
-        return self._with_bos(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special))
+        return self._with_bos(self.llm.tokenize(_utf8(text), add_bos=False, special=special))
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         """The BOS token is added only where the model asks for it and the ids do not already
@@ -254,6 +271,14 @@ class LlamaPolicy:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8 for llama.cpp, or a sentence saying why it is not text."""
+    problem = text_problem(text)
+    if problem:
+        raise PromptError(f"a message {problem}")
+    return text.encode("utf-8")
 
 
 def _fit_ctx(n_tokens: int) -> int:
