@@ -23,6 +23,7 @@ from typing import IO, Any, Iterator
 from .core.errors import ArgsLocalError
 from .core.jsonl import open_results
 from .core.settings import ALIASES, Settings
+from .core.text import text_problem
 
 ROW_SETTINGS = set(ALIASES) - {"use_cache"}
 
@@ -72,6 +73,9 @@ def parse_row(index: int, number: int, line: str) -> Row:
         return Row(index, line, error=f'line {number} is a JSON {type(obj).__name__}; a JSON row is an object with a "prompt" string')
     if not isinstance(obj.get("prompt"), str):
         return Row(index, line, error=f'line {number}: a JSON row needs a "prompt" string')
+    problem = text_problem(obj["prompt"])
+    if problem:
+        return Row(index, obj["prompt"], error=f"line {number}: the prompt {problem}")
     unknown = set(obj) - ROW_SETTINGS - {"prompt", "id"}
     if unknown:
         shown = ", ".join(sorted(repr(k)[:40] for k in unknown))

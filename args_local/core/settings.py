@@ -174,7 +174,10 @@ def _check(knob: Knob, value: Any) -> Any:
             raise bad()
         value = int(value)
     else:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise bad() from None
         if not math.isfinite(value):
             raise bad()
     if knob.low is not None and (value < knob.low or (knob.low_open and value == knob.low)):
@@ -202,11 +205,11 @@ def _from_text(knob: Knob, text: str) -> Any:
         if knob.kind is float:
             return float(text)
     except ValueError:
-        raise SettingsError(f"{knob.label} must be {knob.describe()}, not {text!r}", knob.name) from None
+        raise SettingsError(f"{knob.label} must be {knob.describe()}, not {_SHOWN.repr(text)}", knob.name) from None
     if knob.kind is bool:
         if text.lower() in ("1", "true", "on", "yes"):
             return True
         if text.lower() in ("0", "false", "off", "no"):
             return False
-        raise SettingsError(f"{knob.label} must be {knob.describe()}, not {text!r}", knob.name)
+        raise SettingsError(f"{knob.label} must be {knob.describe()}, not {_SHOWN.repr(text)}", knob.name)
     return text

@@ -7,12 +7,13 @@ token, end-of-generation) plus prompt rendering and UTF-8-safe detokenization.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 # llama.cpp's OpenMP threads spin while they wait. Spinning without end steals the cores
 # that onnxruntime needs between two decodes; not spinning at all (OMP_WAIT_POLICY=PASSIVE)
@@ -20,6 +21,7 @@ from typing import Sequence
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import llama_cpp  # noqa: E402
+from llama_cpp import llama_chat_format  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..core.errors import ModelError, PromptError, SettingsError  # noqa: E402
@@ -66,6 +68,31 @@ def check_gguf(path: Path) -> None:
         raise ModelError(f"policy model is not a GGUF file: {path} (llama.cpp needs a .gguf model)")
 
 
+class _NoChatHandler:
+    """Stands in for llama-cpp-python's Jinja2ChatFormatter while a model loads (see below)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def to_chat_handler(self) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _chat_templates_left_alone() -> Iterator[None]:
+    """``Llama()`` compiles every chat template in the GGUF's metadata for its
+    create_chat_completion (which args-local never calls), with Jinja's constant folding on:
+    a template such as ``{{ 'x' * 10**10 }}`` builds its string while the model loads, before
+    any bound applies. Templates are compiled and rendered here only, within bounds
+    (:mod:`.template`)."""
+    saved = llama_chat_format.Jinja2ChatFormatter
+    llama_chat_format.Jinja2ChatFormatter = _NoChatHandler  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        llama_chat_format.Jinja2ChatFormatter = saved  # type: ignore[misc]
+
+
 def check_memory(path: Path, n_ctx: int) -> None:
     """Refuse a context window whose KV cache cannot fit in memory, before llama.cpp allocates
     it: a large enough ``-c`` otherwise grows until the system kills the process (or another)."""
@@ -99,17 +126,18 @@ class LlamaPolicy:
         threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         _LOG_TAIL.clear()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=min(512, n_ctx),
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=n_gpu_layers,
-                seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                logits_all=False,
-                verbose=False,
-            )
+            with _chat_templates_left_alone():
+                self.llm = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_batch=min(512, n_ctx),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_gpu_layers=n_gpu_layers,
+                    seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                    logits_all=False,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as e:
             lines = "".join(_LOG_TAIL).strip().splitlines()
             errors = [line.split("error loading model:", 1)[-1].strip() for line in lines if "error" in line.lower()]
@@ -121,7 +149,8 @@ class LlamaPolicy:
         self.path = path
         self.vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp rounds the context up (to 256 tokens); llama-cpp-python's own buffers keep the size asked for.
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.evaluated = 0  # tokens run through the model since load: shows cache reuse
         self._logits: np.ndarray | None = None
         self._prompt_end: tuple[int, np.ndarray] | None = None  # (length, logits) of the last whole prompt
