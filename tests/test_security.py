@@ -132,7 +132,7 @@ ATTACKS = {
     "big-product": "{% set n = 10 ** 4000 %}{{ n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n }}",
     "sum-of-lists": "{{ ([[1]] * 100000)|sum(start=[])|length }}",
     "mapped-loops": "{% for i in range(100000)|map('string') %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-    "recursive-loop": "{% for i in [[1, 2], [3]] recursive %}{{ loop(range(100000)) if i is iterable else i }}{% endfor %}",
+    "recursive-loop": "{% for i in range(100000) recursive %}{% if loop.depth < 3 %}{{ loop(range(100000)) }}{% endif %}{% endfor %}",
     "filter-block": "{% filter upper %}{% for i in range(3) %}{{ 'x' * 600000 }}{% endfor %}{% endfilter %}",
     "output-total": "{% for i in range(10) %}{{ 'x' * 200000 }}{% endfor %}",
     "loop-length": "{% for i in range(100000) %}{% for j in range(100000) %}{{ loop.length }}{% endfor %}{% endfor %}",

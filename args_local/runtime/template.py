@@ -307,7 +307,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         """Every call a template makes: functions, macros, methods, ``range``, ``namespace``."""
-        args = _guard(__self.wrap_str_format(__obj) or __obj, None, args, kwargs)
+        args = _guard(__obj, None, args, kwargs)
         return _result(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
