@@ -319,10 +319,15 @@ def export_cmd(source: str, out_dir: Path, with_past: bool, past_layout: str, qu
 @click.argument("path", type=click.Path(path_type=Path))
 def info(path: Path) -> None:
     """Describe a GGUF policy or a reward-model folder: architecture, tokenizer, inputs, outputs, manifest."""
+    from .core.errors import ModelError
     from .info import describe
 
-    for key, value in describe(path):
+    lines = describe(path)
+    for key, value in lines:
         click.echo(f"{key}: {value}")
+    failure = next((v for k, v in lines if k == "check" and v.startswith("FAILS")), None)
+    if failure:
+        raise ModelError(f"{path} fails its check: {failure.removeprefix('FAILS: ')}")
 
 
 @main.command("models")

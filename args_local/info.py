@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from .core.errors import ModelError
-
-GGUF_MAGIC = b"GGUF"
-
-# GGUF metadata value types: struct format and size of the fixed-size ones.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+from .core.gguf import GGUF_MAGIC, SkippedArray, read_gguf
 
 # llama.cpp's llama_ftype (general.file_type), the common ones.
 FILE_TYPES = {
@@ -61,6 +55,8 @@ def describe(path: Path) -> list[tuple[str, str]]:
         if not (path / "model.onnx").exists():
             raise ModelError(f"{path} is a folder without model.onnx; {WHAT_INFO_TAKES}")
         return describe_reward(path)
+    if not path.is_file():  # a FIFO or a device: reading it could block forever
+        raise ModelError(f"{path} is not a regular file; {WHAT_INFO_TAKES}")
     with path.open("rb") as f:
         magic = f.read(4)
     if magic == GGUF_MAGIC:
@@ -71,103 +67,6 @@ def describe(path: Path) -> list[tuple[str, str]]:
 
 
 # -- GGUF ---------------------------------------------------------------------------
-
-
-class _Reader:
-    """Little-endian GGUF fields from a buffered file, with bounds checks."""
-
-    def __init__(self, f: BinaryIO, size: int, version: int) -> None:
-        self.f = f
-        self.size = size
-        self.version = version
-
-    def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise EOFError
-        return data
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def count(self) -> int:
-        n = self.unpack("<Q" if self.version >= 2 else "<I")
-        if n > self.size:
-            raise ValueError(f"a count of {n} in a file of {self.size} bytes")
-        return n
-
-    def string(self) -> str:
-        return self.take(self.count()).decode("utf-8", errors="replace")
-
-    def skip_string(self) -> None:
-        n = self.count()
-        self.f.seek(n, 1)
-
-    def value(self, vtype: int, keep_array: bool) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            etype = self.unpack("<I")
-            n = self.count()
-            if keep_array:
-                return [self.value(etype, False) for _ in range(n)]
-            if etype in _SCALARS:
-                self.f.seek(n * struct.calcsize(_SCALARS[etype]), 1)
-            elif etype == _STRING:
-                for _ in range(n):
-                    self.skip_string()
-            else:
-                for _ in range(n):
-                    self.value(etype, False)
-            return _Array(n)
-        raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-class _Array:
-    """An array whose elements were skipped: only its length is kept."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def read_gguf(path: Path) -> tuple[int, dict[str, Any], list[tuple[str, list[int], int]]]:
-    """(version, metadata, tensors as (name, dims, ggml type)); only the vocabulary's
-    token strings are kept among the arrays (others keep their length)."""
-    size = path.stat().st_size
-    try:
-        with path.open("rb", buffering=1 << 20) as f:
-            if f.read(4) != GGUF_MAGIC:
-                raise ModelError(f"{path} is not a GGUF file")
-            version = struct.unpack("<I", f.read(4))[0]
-            if version not in (2, 3):
-                raise ModelError(f"{path}: GGUF version {version} is not supported (llama.cpp reads 2 and 3)")
-            r = _Reader(f, size, version)
-            n_tensors, n_kv = r.count(), r.count()
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = r.string()
-                vtype = r.unpack("<I")
-                meta[key] = r.value(vtype, keep_array=key == "tokenizer.ggml.tokens")
-            tensors = []
-            for _ in range(n_tensors):
-                name = r.string()
-                n_dims = r.unpack("<I")
-                if n_dims > 8:
-                    raise ValueError(f"tensor {name} has {n_dims} dimensions")
-                dims = [r.unpack("<Q") for _ in range(n_dims)]
-                ttype = r.unpack("<I")
-                r.unpack("<Q")  # data offset
-                tensors.append((name, dims, ttype))
-    except (EOFError, struct.error):
-        raise ModelError(f"{path} is a truncated GGUF file (re-download it)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path} is a corrupt GGUF file ({e})") from None
-    return version, meta, tensors
 
 
 def describe_gguf(path: Path) -> list[tuple[str, str]]:
@@ -280,7 +179,7 @@ def describe_reward(path: Path) -> list[tuple[str, str]]:
     meta = session.get_modelmeta()
     if meta.producer_name:
         lines.append(("producer", meta.producer_name))
-    if manifest.input == "token_ids" and (folder / "tokenizer.json").exists():
+    if manifest.input == "token_ids" and (folder / "tokenizer.json").is_file():
         lines.append(("tokenizer", _tokenizer_line(folder / "tokenizer.json")))
     lines.append(("check", check))
     lines.append(("size", _bytes(_size(folder) if path.is_dir() else _size(onnx_file))))
@@ -330,7 +229,7 @@ def _tokenizer_line(file: Path) -> str:
 
 
 def _plain(value: Any) -> str:
-    if isinstance(value, _Array):
+    if isinstance(value, SkippedArray):
         return f"array of {len(value)}"
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)

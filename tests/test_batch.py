@@ -63,13 +63,18 @@ def test_killed_batch_resumes_with_every_row_exactly_once(tmp_path, sig):
     assert all(r["tokens"] == 12 for r in rows)
 
 
-def test_resume_cuts_a_torn_last_line(tmp_path):
+@pytest.mark.parametrize("torn_bytes", [5, 40, 200])
+def test_resume_cuts_a_torn_last_line(tmp_path, torn_bytes):
     prompts = tmp_path / "in.txt"
     prompts.write_text("One.\nTwo.\n")
     out = tmp_path / "out.jsonl"
-    out.write_text(json.dumps({"index": 0, "prompt": "One.", "text": "x", "tokens": 1}) + "\n" + '{"index": 1, "pro')
+    assert cli("generate", "--batch", str(prompts), "-o", str(out), "-n", "4").returncode == 0
+    whole = out.read_bytes()
+    first_end = whole.index(b"\n") + 1
+    out.write_bytes(whole[: first_end + torn_bytes])  # row 1 was cut mid-write
     run = cli("generate", "--batch", str(prompts), "-o", str(out), "-n", "4", "--resume")
     assert run.returncode == 0, run.stderr.decode()
+    assert out.read_bytes().startswith(whole[:first_end])
     assert [r["index"] for r in rows_of(out)] == [0, 1]
 
 

@@ -29,3 +29,9 @@ class PromptError(ArgsLocalError):
 
 class RewardError(ArgsLocalError):
     """The reward model gave no usable score during decoding."""
+
+
+class UsageError(ArgsLocalError):
+    """A command used in a way it cannot work (an output file that is the input): exit code 2."""
+
+    exit_code = 2

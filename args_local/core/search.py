@@ -164,8 +164,15 @@ def args_search(
                 if not usable[live].any():
                     raise RewardError("the reward model returned NaN or infinity for every candidate")
                 live &= usable
-        scores = np.where(live, logits + settings.weight * np.nan_to_num(rewards, nan=0.0), -np.inf)
-        i = choose(scores, settings.mode, settings.temperature, rng)
+        filled, mode = np.nan_to_num(rewards, nan=0.0), settings.mode
+        with np.errstate(over="ignore"):
+            scores = logits + settings.weight * filled
+        if not np.isfinite(scores[live]).all():
+            # |w| * reward is beyond the float range: the same order is logit / |w| + sign(w) * reward,
+            # and softmax(score / T) at that scale puts all its mass on the best candidate.
+            scores, mode = logits / abs(settings.weight) + np.sign(settings.weight) * filled, "greedy"
+        scores = np.where(live, scores, -np.inf)
+        i = choose(scores, mode, settings.temperature, rng)
         token = int(ids[i])
         if not settings.ignore_eos and policy.is_eog(token):
             return

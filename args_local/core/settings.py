@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from .errors import SettingsError
+from .text import text_problem
 
 Mode = Literal["greedy", "sample"]
 MODES: tuple[str, ...] = ("greedy", "sample")
 MAX_SEED = 2**32 - 1  # llama.cpp's seed is a uint32_t
+_SHOWN = reprlib.Repr()  # a bad value, shown in its error message: bounded in length and depth
+_SHOWN.maxstring = _SHOWN.maxother = 40
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,7 @@ class Settings:
 def _check(knob: Knob, value: Any) -> Any:
     """``value`` as the knob's type, or a SettingsError that names the knob and the rule."""
     def bad() -> SettingsError:
-        shown = repr(value) if not isinstance(value, str) or len(value) < 40 else repr(value[:40] + "...")
-        return SettingsError(f"{knob.label} must be {knob.describe()}, not {shown}", knob.name)
+        return SettingsError(f"{knob.label} must be {knob.describe()}, not {_SHOWN.repr(value)}", knob.name)
 
     if value is None and knob.optional:
         return None
@@ -157,11 +160,13 @@ def _check(knob: Knob, value: Any) -> Any:
             value = (value,)
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
             raise bad()
+        for s in value:
+            _check_text(knob, s)
         return tuple(s for s in value if s)
     if knob.kind is str:
         if not isinstance(value, str) or (knob.choices and value not in knob.choices):
             raise bad()
-        return value
+        return _check_text(knob, value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad()
     if knob.kind is int:
@@ -169,7 +174,10 @@ def _check(knob: Knob, value: Any) -> Any:
             raise bad()
         value = int(value)
     else:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise bad() from None
         if not math.isfinite(value):
             raise bad()
     if knob.low is not None and (value < knob.low or (knob.low_open and value == knob.low)):
@@ -177,6 +185,13 @@ def _check(knob: Knob, value: Any) -> Any:
     if knob.high is not None and value > knob.high:
         raise bad()
     return value
+
+
+def _check_text(knob: Knob, text: str) -> str:
+    problem = text_problem(text)
+    if problem:
+        raise SettingsError(f"{knob.label} {problem}", knob.name)
+    return text
 
 
 def _from_text(knob: Knob, text: str) -> Any:
@@ -190,11 +205,11 @@ def _from_text(knob: Knob, text: str) -> Any:
         if knob.kind is float:
             return float(text)
     except ValueError:
-        raise SettingsError(f"{knob.label} must be {knob.describe()}, not {text!r}", knob.name) from None
+        raise SettingsError(f"{knob.label} must be {knob.describe()}, not {_SHOWN.repr(text)}", knob.name) from None
     if knob.kind is bool:
         if text.lower() in ("1", "true", "on", "yes"):
             return True
         if text.lower() in ("0", "false", "off", "no"):
             return False
-        raise SettingsError(f"{knob.label} must be {knob.describe()}, not {text!r}", knob.name)
+        raise SettingsError(f"{knob.label} must be {knob.describe()}, not {_SHOWN.repr(text)}", knob.name)
     return text

@@ -47,3 +47,17 @@ def candidate_texts(response: bytes, token_bytes: Callable[[int], bytes], tokens
     """The response extended by each candidate, as text. A candidate may end inside a UTF-8
     character: the complete characters are scored."""
     return [(response + token_bytes(t)).decode("utf-8", errors="ignore") for t in tokens]
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` is not text that can be written as UTF-8, or None. Python keeps the bytes of
+    a non-UTF-8 command-line argument as lone surrogates U+DC80..U+DCFF, and JSON's ``\\ud800``
+    makes one too; neither can be tokenized or written out."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"is not UTF-8 text (byte 0x{code - 0xDC00:02x} at character {e.start})"
+        return f"holds a lone surrogate (U+{code:04X} at character {e.start}), which is not text"

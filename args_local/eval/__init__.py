@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..batch import ResultWriter, read_rows
-from ..core.errors import ArgsLocalError, ModelError, SettingsError
+from ..core.errors import ArgsLocalError, ModelError, PromptError, SettingsError
 from ..core.jsonl import read_finished
 from ..core.request import Request, Result, RewardStats
 from ..core.settings import Settings
@@ -572,6 +572,9 @@ def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     rows = read_rows(path)
     if not rows:
         raise ArgsLocalError(f"{path} holds no prompt")
+    bad = next((r.error for r in rows if r.error), None)
+    if bad:  # a batch goes on past a bad row; an evaluation compares methods on every prompt
+        raise PromptError(f"{path}: {bad}")
     prompts = [r.prompt for r in rows]
     return prompts[:limit] if limit else prompts
 

@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..core.contract import last_positions, packed_bias, right_pad
+from ..core.contract import last_positions, output_rows, packed_bias, right_pad
 from ..core.text import candidate_texts
-from .reward import RewardModel
+from .reward import RewardModel, chunks
 
 log = logging.getLogger("args_local")
 
@@ -142,7 +142,7 @@ class RowCache:
         self.model = model
         self.length = 0
         self.past = model.empty_past(1)
-        self._presents: list[np.ndarray] = []
+        self._new: list[tuple[np.ndarray, ...]] = []  # per candidate: its tail's keys and values, per past input
 
     def truncate(self, n: int) -> None:
         self.past = {name: p[:, :, :n] for name, p in self.past.items()}
@@ -162,15 +162,22 @@ class RowCache:
         self.length += len(tokens)
 
     def candidates(self, tails: list[list[int]]) -> tuple[Any, np.ndarray]:
-        ids, mask = right_pad(tails, self.model.manifest.pad_token_id)
-        past = {n: np.repeat(v, len(tails), axis=0) for n, v in self.past.items()}
-        raw, self._presents = self._forward(ids, mask, past, len(tails))
-        return raw, last_positions(mask)
+        raws, lasts, self._new = [], [], []
+        for part in chunks(tails):
+            ids, mask = right_pad(part, self.model.manifest.pad_token_id)
+            past = {n: np.repeat(v, len(part), axis=0) for n, v in self.past.items()}
+            raw, presents = self._forward(ids, mask, past, len(part))
+            raws.append(output_rows(raw, last_positions(mask)))
+            # Only the new tokens' keys and values are kept (copied out of the k-row presents).
+            self._new.extend(zip(*(np.split(p[:, :, self.length :], len(part)) for p in presents)))
+        return np.concatenate(raws), None
 
     def accept(self, i: int, tail: list[int]) -> None:
-        end = self.length + len(tail)  # the row without the padding after its tail
-        self.past = {n: p[i : i + 1, :, :end] for n, p in zip(self.model.past_names, self._presents)}
-        self.length = end
+        new = self._new[i]
+        self.past = {
+            n: np.concatenate([self.past[n], part[:, :, : len(tail)]], axis=2) for n, part in zip(self.model.past_names, new)
+        }
+        self.length += len(tail)
 
 
 class SharedCache:
@@ -183,8 +190,8 @@ class SharedCache:
         self.model = model
         self.length = 0
         self.buffers = {n: np.empty((1, 64, *p.shape[2:]), dtype=np.float32) for n, p in model.empty_past(1).items()}
-        self._new: list[np.ndarray] = []
-        self._starts: list[int] = []
+        self._new: list[list[np.ndarray]] = []  # per chunk of candidates: the new keys and values
+        self._where: list[tuple[int, int]] = []  # per candidate: (chunk, where its tail starts)
 
     def truncate(self, n: int) -> None:
         self.length = n
@@ -212,15 +219,21 @@ class SharedCache:
         self._append(new, 0, len(tokens))
 
     def candidates(self, tails: list[list[int]]) -> tuple[Any, None]:
-        lengths = [len(t) for t in tails]
-        ends = np.cumsum(lengths)
-        self._starts = [0, *ends[:-1].tolist()]
-        positions = self.length + np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
-        raw, self._new = self._forward([t for tail in tails for t in tail], positions, packed_bias(lengths), len(tails))
-        return np.asarray(raw)[0, ends - 1], None  # [k, outputs]: each tail's last position
+        raws: list[np.ndarray] = []
+        self._new, self._where = [], []
+        for part in chunks(tails):
+            lengths = [len(t) for t in part]
+            ends = np.cumsum(lengths)
+            positions = self.length + np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+            raw, new = self._forward([t for tail in part for t in tail], positions, packed_bias(lengths), len(part))
+            raws.append(np.asarray(raw)[0, ends - 1])  # [candidates, outputs]: each tail's last position
+            self._where.extend((len(self._new), int(start)) for start in ends - lengths)
+            self._new.append(new)
+        return np.concatenate(raws), None
 
     def accept(self, i: int, tail: list[int]) -> None:
-        self._append(self._new, self._starts[i], self._starts[i] + len(tail))
+        chunk, start = self._where[i]
+        self._append(self._new[chunk], start, start + len(tail))
 
 
 class CachedScorer:

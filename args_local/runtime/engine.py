@@ -12,7 +12,7 @@ from ..core.manifest import REFERENCE_WEIGHT
 from ..core.request import Piece, Request, Result, chat_messages
 from ..core.search import Policy, Step, args_search
 from ..core.settings import Settings
-from ..core.text import StopFilter, Utf8Pieces
+from ..core.text import StopFilter, Utf8Pieces, text_problem
 from .caches import make_scorer
 from .policy import LlamaPolicy
 from .reward import RewardModel
@@ -63,6 +63,9 @@ class Engine:
         """Token ids of a user prompt, in the chat template unless ``raw``."""
         if not prompt.strip():
             raise PromptError("the prompt is empty; pass it as an argument or on stdin")
+        problem = text_problem(prompt)
+        if problem:
+            raise PromptError(f"the prompt {problem}")
         if raw:
             return self.policy.tokenize((system + "\n" if system else "") + prompt, special=False)
         return self.policy.encode_chat(self.messages(prompt, system))

@@ -16,6 +16,18 @@ def rss_mb() -> float:
         return peak_rss_mb()
 
 
+def available_bytes() -> int | None:
+    """Memory that can be allocated without swapping (Linux's MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process.
 

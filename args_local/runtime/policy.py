@@ -7,24 +7,28 @@ token, end-of-generation) plus prompt rendering and UTF-8-safe detokenization.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 # llama.cpp's OpenMP threads spin while they wait. Spinning without end steals the cores
 # that onnxruntime needs between two decodes; not spinning at all (OMP_WAIT_POLICY=PASSIVE)
 # made a 2-thread decode 3x slower here. A short spin keeps both fast.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-import jinja2  # noqa: E402
 import llama_cpp  # noqa: E402
+from llama_cpp import llama_chat_format  # noqa: E402
 import numpy as np  # noqa: E402
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
-from ..core.errors import ModelError, PromptError  # noqa: E402
+from ..core.errors import ModelError, PromptError, SettingsError  # noqa: E402
+from ..core.gguf import kv_cache_bytes, read_gguf  # noqa: E402
+from ..core.text import text_problem  # noqa: E402
+from .memory import available_bytes  # noqa: E402
+from .template import ChatTemplate  # noqa: E402
 
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
 N_BATCH = 512  # tokens per llama_decode: a prompt is evaluated in chunks of this size
@@ -65,6 +69,42 @@ def check_gguf(path: Path) -> None:
         raise ModelError(f"policy model is not a GGUF file: {path} (llama.cpp needs a .gguf model)")
 
 
+class _NoChatHandler:
+    """Stands in for llama-cpp-python's Jinja2ChatFormatter while a model loads (see below)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def to_chat_handler(self) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _chat_templates_left_alone() -> Iterator[None]:
+    """``Llama()`` compiles every chat template in the GGUF's metadata for its
+    create_chat_completion (which args-local never calls), with Jinja's constant folding on:
+    a template such as ``{{ 'x' * 10**10 }}`` builds its string while the model loads, before
+    any bound applies. Templates are compiled and rendered here only, within bounds
+    (:mod:`.template`)."""
+    saved = llama_chat_format.Jinja2ChatFormatter
+    llama_chat_format.Jinja2ChatFormatter = _NoChatHandler  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        llama_chat_format.Jinja2ChatFormatter = saved  # type: ignore[misc]
+
+
+def check_memory(path: Path, n_ctx: int) -> None:
+    """Refuse a context window whose KV cache cannot fit in memory, before llama.cpp allocates
+    it: a large enough ``-c`` otherwise grows until the system kills the process (or another)."""
+    need, free = kv_cache_bytes(read_gguf(path, full=False)[1], n_ctx), available_bytes()
+    if need is not None and free is not None and need > free:
+        raise SettingsError(
+            f"-c {n_ctx} needs about {need / 2**30:.1f} GiB for llama.cpp's KV cache, but {free / 2**30:.1f} GiB "
+            f"of memory is available; pass a smaller -c"
+        )
+
+
 class LlamaPolicy:
     """A GGUF model with one context whose KV cache follows the evaluated tokens.
 
@@ -81,21 +121,24 @@ class LlamaPolicy:
         seed: int | None = None,
     ) -> None:
         check_gguf(path)
+        if n_gpu_layers == 0:
+            check_memory(path, n_ctx)
         # llama.cpp's own default: one thread per physical core (half the logical ones here).
         threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         _LOG_TAIL.clear()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=min(N_BATCH, n_ctx),
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=n_gpu_layers,
-                seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                logits_all=False,
-                verbose=False,
-            )
+            with _chat_templates_left_alone():
+                self.llm = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_batch=min(N_BATCH, n_ctx),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_gpu_layers=n_gpu_layers,
+                    seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+                    logits_all=False,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as e:
             lines = "".join(_LOG_TAIL).strip().splitlines()
             errors = [line.split("error loading model:", 1)[-1].strip() for line in lines if "error" in line.lower()]
@@ -107,12 +150,13 @@ class LlamaPolicy:
         self.path = path
         self.vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp rounds the context up (to 256 tokens); llama-cpp-python's own buffers keep the size asked for.
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.evaluated = 0  # tokens run through the model since load: shows cache reuse
         self._logits: np.ndarray | None = None
         self._prompt_end: tuple[int, np.ndarray] | None = None  # (length, logits) of the last whole prompt
         self._piece_buf = ctypes.create_string_buffer(64)
-        self._formatter: Jinja2ChatFormatter | None = None
+        self._template: ChatTemplate | None = None
 
     # -- prompts ----------------------------------------------------------------
 
@@ -147,12 +191,13 @@ class LlamaPolicy:
             if skip_chars >= len(text):
                 skip_chars -= len(text)
                 continue
-            ids += self.llm.tokenize(text[skip_chars:].encode("utf-8"), add_bos=False, special=special)
+            ids += self.llm.tokenize(_utf8(text[skip_chars:]), add_bos=False, special=special)
             skip_chars = 0
         return self._with_bos(ids) if whole else ids
 
     def _render(self, messages: Sequence[dict[str, str]]) -> str:
-        if self._formatter is None:
+        """The model's own chat template, rendered within bounds (see :mod:`.template`)."""
+        if self._template is None:
             template = self.chat_template
             if not template:
                 raise PromptError(
@@ -160,15 +205,12 @@ class LlamaPolicy:
                 )
             eos = self.token_text(self.llm.token_eos())
             bos = self.token_text(self.llm.token_bos())
-            self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)  # compiled once
-        try:
-            return self._formatter(messages=list(messages)).prompt
-        except (jinja2.TemplateError, ValueError) as e:  # raise_exception in the template (roles out of order...)
-            raise PromptError(f"the chat template of {self.path.name} refused these messages: {e}") from None
+            self._template = ChatTemplate(template, self.path.name, eos_token=eos, bos_token=bos)  # compiled once
+        return self._template.render(messages)
 
     def tokenize(self, text: str, special: bool) -> list[int]:
         """Token ids of ``text``, with the BOS token where the model asks for one."""
-        return self._with_bos(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special))
+        return self._with_bos(self.llm.tokenize(_utf8(text), add_bos=False, special=special))
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         """The BOS token is added only where the model asks for it and the ids do not already
@@ -259,6 +301,14 @@ class LlamaPolicy:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8 for llama.cpp, or a sentence saying why it is not text."""
+    problem = text_problem(text)
+    if problem:
+        raise PromptError(f"a message {problem}")
+    return text.encode("utf-8")
 
 
 def _fit_ctx(n_tokens: int) -> int:

@@ -15,12 +15,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from ..core.contract import PAST_PREFIX, activate, last_positions, output_rows, padded_bias, returned_prefix, right_pad
 from ..core.errors import ModelError, RewardError
@@ -35,8 +36,13 @@ except ImportError:  # the package is an extra: cpu (onnxruntime) or cuda (onnxr
     ) from None
 
 log = logging.getLogger("args_local")
+T = TypeVar("T")
 
 MAX_TOKENIZER_BYTES = 256 << 20
+# Rows per onnxruntime call. The k candidates of a step go in calls of at most this many, so
+# memory grows linearly with k (one call over all of them grows with k squared in a shared
+# cache's attention bias); the default k = 10 is one call, as before.
+ROWS_PER_CALL = 64
 ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
@@ -52,9 +58,26 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def chunks(rows: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``rows`` in consecutive groups of at most :data:`ROWS_PER_CALL`."""
+    for start in range(0, len(rows), ROWS_PER_CALL):
+        yield rows[start : start + ROWS_PER_CALL]
+
+
+# onnxruntime's log severities: 2 warning, 3 error, 4 fatal. Its errors reach us as exceptions,
+# which become one sentence; the log lines it also prints would repeat them, in colour.
+QUIET, VERBOSE = 4, 2
+_log_level = QUIET
+
+
 def quiet_onnxruntime(quiet: bool) -> None:
     """onnxruntime's own log (warnings and errors) stays off stderr unless asked for (-v)."""
-    ort.set_default_logger_severity(3 if quiet else 2)
+    global _log_level
+    _log_level = QUIET if quiet else VERBOSE
+    ort.set_default_logger_severity(_log_level)
+
+
+quiet_onnxruntime(True)  # until a front end asks for -v
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -65,7 +88,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = _log_level
     return so
 
 
@@ -80,12 +103,12 @@ def resolve_folder(path: Path) -> tuple[Path, Path]:
     """(model.onnx, folder) for a reward-model folder or a bare ``.onnx`` file."""
     if not path.exists():
         raise ModelError(f"reward model not found: {path} (pass a folder or .onnx file with -r)")
-    if path.is_dir():
-        onnx_file = path / "model.onnx"
-        if not onnx_file.exists():
-            raise ModelError(f"reward model folder {path} has no model.onnx")
-        return onnx_file, path
-    return path, path.parent
+    onnx_file, folder = (path / "model.onnx", path) if path.is_dir() else (path, path.parent)
+    if not onnx_file.exists():
+        raise ModelError(f"reward model folder {path} has no model.onnx")
+    if not onnx_file.is_file():  # a FIFO or a device would block or never end
+        raise ModelError(f"reward model {onnx_file} is not a regular file")
+    return onnx_file, folder
 
 
 class RewardModel:
@@ -93,6 +116,7 @@ class RewardModel:
 
     def __init__(self, path: Path, threads: int | None = None, gpu: bool = False) -> None:
         onnx_file, folder = resolve_folder(path)
+        self._special_strings: re.Pattern[str] | None = None
         self.path = path
         manifest = read_manifest(folder)
         if manifest is None:
@@ -151,6 +175,9 @@ class RewardModel:
             raise ModelError(f"{file} is not a valid tokenizer.json: {str(e).splitlines()[0] if str(e) else e!r}") from None
         side = "left" if self.manifest.format == "response" else "right"
         tok.enable_truncation(self.manifest.max_length, direction=side)
+        tok.encode_special_tokens = True  # text is text: see encode()
+        specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content]
+        self._special_strings = re.compile("|".join(map(re.escape, specials))) if specials else None
         return tok
 
     def _check_io(self) -> None:
@@ -240,33 +267,79 @@ class RewardModel:
 
     def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """Rewards of whole token sequences (right-padded), no cache."""
-        ids, mask = right_pad(rows, self.manifest.pad_token_id)
-        return self._score_padded(ids, mask, np.zeros_like(ids))
+        out = []
+        for part in chunks(rows):
+            ids, mask = right_pad(part, self.manifest.pad_token_id)
+            out.append(self._score_padded(ids, mask, np.zeros_like(ids)))
+        return np.concatenate(out)
 
     def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """Rewards of finished (prompt, response) pairs built as the manifest says."""
+        return np.concatenate([self._score_texts(p, r) for p, r in zip(chunks(prompts), chunks(responses))])
+
+    def _score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         m = self.manifest
-        if m.format == "template":
-            texts = [m.template.replace("{prompt}", p).replace("{response}", r) for p, r in zip(prompts, responses)]
-        else:
-            texts = list(responses)
         if m.input == "text":
             feed_name = next(iter(self.inputs))
-            if m.format == "pair":
-                texts = [f"{p}\n{r}" for p, r in zip(prompts, texts)]
+            if m.format == "template":
+                texts = ["".join(text for text, _ in self.template_segments(p, r)) for p, r in zip(prompts, responses)]
+            elif m.format == "pair":
+                texts = [f"{p}\n{r}" for p, r in zip(prompts, responses)]
+            else:
+                texts = list(responses)
             (raw,) = self.run({feed_name: np.array(texts, dtype=object)}, len(texts))
             return self.rewards(raw, None)
-        assert self.tokenizer is not None
-        if m.format == "pair":
-            enc = self.tokenizer.encode_batch(list(zip(prompts, texts)))
-        else:
-            enc = self.tokenizer.encode_batch(texts, add_special_tokens=m.bos_token_id is None)
+        enc = self.encode(prompts, responses)
         bos = self.bos
         ids, mask = right_pad([bos + e.ids for e in enc], m.pad_token_id)
         types = np.zeros_like(ids)
         for i, e in enumerate(enc):
             types[i, len(bos) : len(bos) + len(e.type_ids)] = e.type_ids
         return self._score_padded(ids, mask, types)
+
+    def template_segments(self, prompt: str, response: str) -> list[tuple[str, bool]]:
+        """The manifest's template filled in, as ``(text, is_template)`` runs: each placeholder is
+        replaced once, so a prompt that contains ``{response}`` stays as it was typed."""
+        assert self.manifest.template is not None
+        values = {"{prompt}": prompt, "{response}": response}
+        parts = re.split(r"(\{prompt\}|\{response\})", self.manifest.template)
+        return [(values[part], False) if i % 2 else (part, True) for i, part in enumerate(parts) if part]
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoding]:
+        """The reward model's tokens for (prompt, response) pairs. The prompt and the response are
+        the user's and the policy's text: a special token's string inside them (``<|im_end|>``)
+        is tokenized as text (the tokenizer's ``encode_special_tokens``); only a template's own
+        markers are special tokens. Pairs without such strings are tokenized whole, exactly as
+        the model's own tokenizer does."""
+        tok, m = self.tokenizer, self.manifest
+        assert tok is not None
+        if m.format == "pair":
+            return tok.encode_batch(list(zip(prompts, responses)))
+        if m.format == "response":
+            return tok.encode_batch(list(responses), add_special_tokens=m.bos_token_id is None)
+        return [self._encode_template(p, r) for p, r in zip(prompts, responses)]
+
+    def _encode_template(self, prompt: str, response: str) -> Encoding:
+        tok = self.tokenizer
+        assert tok is not None
+        segments = self.template_segments(prompt, response)
+        with_bos = self.manifest.bos_token_id is None
+        if not (self._special_strings and any(self._special_strings.search(t) for t, own in segments if not own)):
+            return self._with_specials(lambda: tok.encode("".join(t for t, _ in segments), add_special_tokens=with_bos))
+        pieces = [
+            self._with_specials(lambda: tok.encode(t, add_special_tokens=False)) if own else tok.encode(t, add_special_tokens=False)
+            for t, own in segments
+        ]
+        return tok.post_process(Encoding.merge(pieces), add_special_tokens=with_bos)
+
+    def _with_specials(self, encode: Callable[[], Encoding]) -> Encoding:
+        """``encode()`` with the special tokens' strings read as special tokens (template text)."""
+        assert self.tokenizer is not None
+        self.tokenizer.encode_special_tokens = False
+        try:
+            return encode()
+        finally:
+            self.tokenizer.encode_special_tokens = True
 
     def _score_padded(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
         """Rewards of right-padded rows from an empty past, read at each row's last token."""

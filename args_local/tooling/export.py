@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -126,8 +127,10 @@ def export_reward_model(
     if Path(source).exists() and Path(source).resolve() == out_dir.resolve():
         raise ExportError("OUT_DIR must not be the source folder")
 
+    _refuse_custom_code(source)
+
     precision = "int8" if quantize else dtype
-    with _quiet(verbose):
+    with _no_stdin(), _quiet(verbose):
         deps = _import_dependencies()
         _mute(verbose)  # again: importing optimum resets its logger
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +239,63 @@ def _export(
     }
 
 
+CODE_KEYS = ("auto_map", "custom_pipelines")  # config entries that point transformers at a folder's own Python
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _refuse_custom_code(source: str) -> None:
+    """Refuse a model folder that asks for its own Python code, before anything is loaded.
+    transformers is always called with ``trust_remote_code=False`` too (so a hub model is refused
+    when its config arrives); this check names the reason first, and for local folders keeps
+    transformers from even asking (it would otherwise prompt on the terminal and wait)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        data = _read_json(folder / name)
+        found = [key for key in CODE_KEYS if key in data]
+        if found:
+            raise ExportError(
+                f"{source} needs its own Python code ({found[0]} in {name}), which export never runs: "
+                "convert it to a standard transformers ...ForSequenceClassification model first"
+            )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A small JSON object from a model folder ({} when the file is absent); bounded, and a
+    FIFO or device is refused rather than read."""
+    if not path.exists():
+        return {}
+    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ExportError(f"{path} is not a regular JSON file of at most {MAX_CONFIG_BYTES >> 20} MB")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ExportError(f"{path} is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} must hold a JSON object")
+    return data
+
+
+@contextlib.contextmanager
+def _no_stdin() -> Iterator[None]:
+    """Export never reads the terminal: whatever asks (transformers' "run this code? [y/N]"
+    prompt, a library's input()) reads an empty stdin, so piped or typed answers are never
+    seen. Both Python's sys.stdin and file descriptor 0 point at the null device meanwhile."""
+    saved_fd, saved_stdin = os.dup(0), sys.stdin
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, 0)
+        sys.stdin = open(os.devnull, encoding="utf-8")
+        yield
+    finally:
+        sys.stdin.close()
+        sys.stdin = saved_stdin
+        os.dup2(saved_fd, 0)
+        os.close(saved_fd)
+        os.close(null)
+
+
 def _load_config(deps: _Deps, source: str):
     path = Path(source)
     if not path.exists() and (source.startswith(("/", ".", "~", "\\")) or source.count("/") > 1 or "\\" in source):
@@ -247,8 +307,18 @@ def _load_config(deps: _Deps, source: str):
             f"{source} has no config.json: pass a Hugging Face model folder, as written by "
             "model.save_pretrained() and tokenizer.save_pretrained()"
         )
+    if path.is_dir():
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        model_type = _read_json(path / "config.json").get("model_type")
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+            raise ExportError(
+                f"{source}: its config.json names the architecture {model_type!r}, which transformers "
+                f"{deps.transformers.__version__} does not know (custom-code models are not supported); "
+                "export models whose config.json names a transformers architecture"
+            )
     try:
-        config = deps.transformers.AutoConfig.from_pretrained(source)
+        config = deps.transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         first = _first_line(e)
         if "model type" in first or "Unrecognized model" in first or isinstance(e, KeyError):
@@ -336,7 +406,7 @@ def _supported_architectures(deps: _Deps) -> list[str]:
 def _load_tokenizer(deps: _Deps, source: str, config):
     tf = deps.transformers
     try:
-        tok = tf.AutoTokenizer.from_pretrained(source)
+        tok = tf.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as e:  # missing files raise OSError, broken ones ValueError, sentencepiece ImportError...
         text = str(e)
         if "sentencepiece" in text.lower() or "protobuf" in text.lower():
@@ -398,7 +468,7 @@ def _load_model(deps: _Deps, source: str, config):
     tf, torch = deps.transformers, deps.torch
     try:
         model, info = tf.AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, torch_dtype=torch.float32, output_loading_info=True
+            source, config=config, torch_dtype=torch.float32, output_loading_info=True, trust_remote_code=False
         )
     except Exception as e:
         raise ExportError(f"cannot load the weights of {source}: {_first_line(e)}") from None
@@ -427,15 +497,24 @@ def _score_head(deps: _Deps, source: str, model):
 
 
 def _render_template(tok) -> str | None:
-    """The chat template for one user turn and one assistant turn, with {prompt} and {response}."""
-    if not getattr(tok, "chat_template", None):
+    """The chat template for one user turn and one assistant turn, with {prompt} and {response}.
+    The folder's template is rendered within the runtime's bounds (:mod:`args_local.runtime.template`)."""
+    from ..runtime.template import ChatTemplate, TemplateFailure, TemplateOutOfBounds
+
+    source = getattr(tok, "chat_template", None)
+    if isinstance(source, dict):  # named templates: the default one
+        source = source.get("default")
+    if not isinstance(source, str) or not source:
         return None
     conversation = [{"role": "user", "content": PROMPT_SENTINEL}, {"role": "assistant", "content": RESPONSE_SENTINEL}]
+    specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     try:
-        text = tok.apply_chat_template(conversation, tokenize=False)
-    except Exception:
+        text = ChatTemplate(source, "the tokenizer", **specials).render(conversation, add_generation_prompt=False)
+    except TemplateOutOfBounds as e:
+        raise ExportError(str(e)) from None
+    except TemplateFailure:
         return None
-    if not isinstance(text, str) or text.count(PROMPT_SENTINEL) != 1 or text.count(RESPONSE_SENTINEL) != 1:
+    if text.count(PROMPT_SENTINEL) != 1 or text.count(RESPONSE_SENTINEL) != 1:
         return None
     if text.index(PROMPT_SENTINEL) > text.index(RESPONSE_SENTINEL):
         return None
