@@ -162,7 +162,7 @@ class RowCache:
         self.length += len(tokens)
 
     def candidates(self, tails: list[list[int]]) -> tuple[Any, np.ndarray]:
-        raws, lasts, self._new = [], [], []
+        raws, self._new = [], []
         for part in chunks(tails):
             ids, mask = right_pad(part, self.model.manifest.pad_token_id)
             past = {n: np.repeat(v, len(part), axis=0) for n, v in self.past.items()}
