@@ -275,6 +275,46 @@ def eval_cmd(prompts_file: Path, output: Path | None, limit: int | None, no_plot
     click.echo(command(prompts_file, plan, models, output, limit, not no_plots, lambda msg: click.echo(f"args-local: {msg}", err=True)))
 
 
+@main.command("score")
+@click.argument("prompt", required=False)
+@click.argument("response", required=False)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help='print {"reward": ..., "raw": ...}; raw is the output before the manifest\'s activation')
+@click.option("--no-cache", is_flag=True, help="re-score whole sequences instead of using the reward model's KV cache")
+@click.option("--prefixes", is_flag=True, help="the reward after every policy token of the response: the curve the search follows")
+@click.option("--batch", type=click.Path(path_type=Path, dir_okay=False), help='JSONL rows with "prompt" and "response"; one JSON result per row on stdout')
+def score_cmd(prompt: str | None, response: str | None, as_json: bool, no_cache: bool, prefixes: bool, batch: Path | None, **opts: Any) -> None:
+    """Print the reward of RESPONSE to PROMPT as the search computes it (-r: one reward model)."""
+    from . import score as sc
+    from .runtime.load import load_engine
+
+    if batch is not None and prompt is not None:
+        raise click.UsageError("give either PROMPT RESPONSE or --batch, not both")
+    if batch is None and response is None:
+        raise click.UsageError("give a PROMPT and a RESPONSE, or --batch FILE")
+    models = models_from(opts)
+    if len(models.rewards) > 1:
+        raise click.UsageError("score takes one reward model (-r)")
+    pairs = sc.read_pairs(batch) if batch is not None else None
+    engine = load_engine(models)
+    if pairs is not None:
+        failed = 0
+        for row in sc.score_batch(engine, pairs, not no_cache, prefixes):
+            failed += "error" in row
+            click.echo(json.dumps(row, ensure_ascii=False))
+        if failed:
+            raise PromptError(f"{failed} of {len(pairs)} rows could not be scored; their errors are in the output")
+        return
+    scored = sc.score(engine, prompt or "", response or "", not no_cache, prefixes)
+    if as_json:
+        click.echo(json.dumps(sc.report(scored, prefixes), ensure_ascii=False))
+    elif prefixes:
+        for s in scored:
+            click.echo(f"{s.reward:.6f}\t{json.dumps(s.text, ensure_ascii=False)}")
+    else:
+        click.echo(f"{scored[-1].reward:.6f}")
+
+
 @main.command("export")
 @click.argument("source")
 @click.argument("out_dir", type=click.Path(path_type=Path))

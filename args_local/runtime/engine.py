@@ -77,14 +77,17 @@ class Engine:
             raise SettingsError(f"top_k {settings.top_k} is more than the vocabulary ({self.policy.n_vocab})", "top_k")
         return settings.with_weight(self.default_weight)
 
+    def make_scorer(self, model: RewardModel, prompt: str, use_cache: bool = True) -> Scorer:
+        """The fastest exact scorer of ``model`` for responses to ``prompt`` by this policy."""
+        return make_scorer(model, prompt, self.policy.token_bytes, self._policy_vocab, use_cache)
+
     def scorer(self, prompt: str, settings: Settings) -> tuple[Scorer | None, float, list[int]]:
         """(scorer, weight for the search, indices of the models it asks). One model is searched
         with its weight as before; several through :class:`WeightedSum` with weight 1. Models
         with weight 0, or any when k = 1, are not asked."""
         weights = self.weights(settings)
         active = [i for i, w in enumerate(weights) if w != 0] if settings.top_k > 1 else []
-        scorers = [make_scorer(self.guides[i].model, prompt, self.policy.token_bytes, self._policy_vocab, settings.use_cache)
-                   for i in active]
+        scorers = [self.make_scorer(self.guides[i].model, prompt, settings.use_cache) for i in active]
         if len(active) == 1:
             return scorers[0], weights[active[0]], active
         if not active:
