@@ -546,7 +546,7 @@ def _trade_off(plt: Any, args: list[Summary], base: Summary | None, path: Path) 
                         textcoords="offset points", xytext=(4, 4))
     if base:
         ax.plot([base.guides[x]], [base.guides[y]], marker="*", markersize=12, color="black", linestyle="", label="greedy")
-    return _finish(plt, fig, ax, f"mean reward: {x}", f"mean reward: {y}", "Trade-off over the weight sweep", path)
+    return _finish(plt, fig, ax, f"mean reward: {x}", f"mean reward: {y}", "Trade-off over w (the weight of the models given without one)", path)
 
 
 def _finish(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
