@@ -96,6 +96,7 @@ class Row:
     reward_calls_per_token: float
     reward_ms_per_token: float
     ms_per_token_at: dict[int, float | None]
+    models: dict[str, tuple[float | None, float]] = field(default_factory=dict)  # name: (mean reward, calls/token)
 
 
 def bench(engine: Engine, prompt: str, variant_list: list[Variant], n: int, repeats: int, progress=None) -> list[Row]:
@@ -124,8 +125,27 @@ def bench(engine: Engine, prompt: str, variant_list: list[Variant], n: int, repe
                 L: (statistics.median(x for x in (per_token_at(t.step_s, L) for t in timings)) * 1000 if n >= L else None)
                 for L in LENGTHS
             },
+            models={m.name: (_median_or_none([t.result.models[j].mean_reward for t in timings]),
+                             statistics.median(t.result.models[j].cost.calls / t.result.tokens for t in timings))
+                    for j, m in enumerate(timings[0].result.models)},
         ))
     return rows
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def per_model(rows: list[Row]) -> list[str]:
+    """Each reward model's median mean reward and calls per token, per ARGS variant (several -r)."""
+    lines = []
+    for r in rows:
+        if len(r.models) > 1:
+            parts = [f"{name} mean reward {'n/a' if mean is None else f'{mean:.3f}'}, {calls:.2f} calls/token"
+                     for name, (mean, calls) in r.models.items()]
+            lines.append(f"{r.name}: " + "; ".join(parts))
+    return lines
 
 
 def cold_start(args: list[str]) -> tuple[float, float]:

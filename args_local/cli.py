@@ -108,7 +108,10 @@ def model_options(f: Callable) -> Callable:
     """Flags that choose and run the models, named as in llama.cpp's CLI."""
     options = [
         click.option("-m", "--model", metavar="NAME|GGUF", envvar=ENV_VARS["model"], show_envvar=True, shell_complete=complete_model, help="GGUF policy model: a file, or a name that `args-local models` lists [default: SmolLM2-135M-Instruct]"),
-        click.option("-r", "--reward-model", type=click.Path(path_type=Path), envvar=ENV_VARS["reward_model"], show_envvar=True, help="reward-model folder or .onnx file [default: the shipped sentiment model]"),
+        click.option("-r", "--reward-model", "rewards", multiple=True, metavar="PATH[:WEIGHT]", envvar=ENV_VARS["reward_model"], show_envvar=True,
+                     help="reward-model folder, .onnx file or shipped name (sentiment, nontoxic); repeat it to add "
+                          "weighted rewards, each with its own weight [default: the shipped sentiment model; a "
+                          "model's weight: -w, else its own suggestion]"),
         click.option("-c", "--ctx-size", type=int, default=4096, show_default=True, help="context window of the policy, in tokens"),
         click.option("-t", "--threads", type=int, envvar=ENV_VARS["threads"], show_envvar=True, help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
         click.option("-ngl", "--gpu-layers", type=int, default=0, show_default=True, help="policy layers to offload to the GPU (-1: all); also puts the reward model on CUDA when available"),
@@ -121,10 +124,11 @@ def model_options(f: Callable) -> Callable:
 
 def models_from(opts: dict[str, Any]):
     """The model flags (popped from ``opts``) as the runtime's ModelOptions."""
-    from .runtime.load import ModelOptions
+    from .runtime.load import ModelOptions, RewardSpec
 
     logging.basicConfig(level=logging.WARNING, format="args-local: %(message)s", stream=sys.stderr)
-    return ModelOptions(**{k: opts.pop(k) for k in ("model", "reward_model", "ctx_size", "threads", "gpu_layers", "verbose")})
+    specs = tuple(RewardSpec.parse(text) for text in opts.pop("rewards"))
+    return ModelOptions(rewards=specs, **{k: opts.pop(k) for k in ("model", "ctx_size", "threads", "gpu_layers", "verbose")})
 
 
 @click.group(cls=Group)
@@ -209,16 +213,19 @@ def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full:
         engine, prompt, b.variants(settings, full), max_tokens, repeats,
         progress=lambda msg: click.echo(f"args-local: {msg}", err=True),
     )
-    click.echo(f"policy {engine.policy.path.name}, reward {engine.reward.manifest.name}, w = {settings.weight}, "
-               f"{max_tokens} tokens, median of {repeats} runs\n")
+    guides = ", ".join(f"{name} w = {w:g}" for name, w in zip(engine.labels(), engine.weights(settings)))
+    click.echo(f"policy {engine.policy.path.name}, reward {guides}, {max_tokens} tokens, median of {repeats} runs\n")
     click.echo(b.table(rows))
+    breakdown = b.per_model(rows)
+    if breakdown:
+        click.echo("\n" + "\n".join(breakdown))
     ratios = b.growth(rows)
     if ratios:
         click.echo("\n" + "\n".join(ratios))
     click.echo(f"\npeak memory of this benchmark process: {peak_rss_mb():.0f} MB")
     # The cold start runs the models benchmarked: a GPU machine may lack the default policy.
     flags = [*(["-m", str(models.model)] if models.model else []),
-             *(["-r", str(models.reward_model)] if models.reward_model else []),
+             *[flag for spec in models.rewards for flag in ("-r", str(spec))],
              *(["-ngl", str(models.gpu_layers)] if models.gpu_layers else [])]
     first, peak = b.cold_start([prompt, "-n", "16", *flags])
     what = f"`args-local generate {' '.join(flags)}`" if flags else "default `args-local generate`"
@@ -287,12 +294,51 @@ def serve(host: str, port: int, parallel: int, queue: int, api_key: str | None, 
 def eval_cmd(prompts_file: Path, output: Path | None, limit: int | None, no_plots: bool, **opts: Any) -> None:
     """Compare ARGS with greedy, top-k, nucleus and best-of-N on PROMPTS_FILE, scored by held-out judges."""
     from .eval import command, make_plan
-    from .runtime.models import default_reward
 
     models = models_from(opts)
-    plan = make_plan(opts.pop("methods"), opts.pop("weights"), opts.pop("top_ks"), models.reward_model or default_reward(),
+    plan = make_plan(opts.pop("methods"), opts.pop("weights"), opts.pop("top_ks"), models.reward_specs()[0].path,
                      temperature=opts.pop("temp"), sample_temperature=opts.pop("sample_temp"), **opts)
     click.echo(command(prompts_file, plan, models, output, limit, not no_plots, lambda msg: click.echo(f"args-local: {msg}", err=True)))
+
+
+@main.command("score")
+@click.argument("prompt", required=False)
+@click.argument("response", required=False)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help='print {"reward": ..., "raw": ...}; raw is the output before the manifest\'s activation')
+@click.option("--no-cache", is_flag=True, help="re-score whole sequences instead of using the reward model's KV cache")
+@click.option("--prefixes", is_flag=True, help="the reward after every policy token of the response: the curve the search follows")
+@click.option("--batch", type=click.Path(path_type=Path, dir_okay=False), help='JSONL rows with "prompt" and "response"; one JSON result per row on stdout')
+def score_cmd(prompt: str | None, response: str | None, as_json: bool, no_cache: bool, prefixes: bool, batch: Path | None, **opts: Any) -> None:
+    """Print the reward of RESPONSE to PROMPT as the search computes it (-r: one reward model)."""
+    from . import score as sc
+    from .runtime.load import load_engine
+
+    if batch is not None and prompt is not None:
+        raise click.UsageError("give either PROMPT RESPONSE or --batch, not both")
+    if batch is None and response is None:
+        raise click.UsageError("give a PROMPT and a RESPONSE, or --batch FILE")
+    models = models_from(opts)
+    if len(models.rewards) > 1:
+        raise click.UsageError("score takes one reward model (-r)")
+    pairs = sc.read_pairs(batch) if batch is not None else None
+    engine = load_engine(models)
+    if pairs is not None:
+        failed = 0
+        for row in sc.score_batch(engine, pairs, not no_cache, prefixes):
+            failed += "error" in row
+            click.echo(json.dumps(row, ensure_ascii=False))
+        if failed:
+            raise PromptError(f"{failed} of {len(pairs)} rows could not be scored; their errors are in the output")
+        return
+    scored = sc.score(engine, prompt or "", response or "", not no_cache, prefixes)
+    if as_json:
+        click.echo(json.dumps(sc.report(scored, prefixes), ensure_ascii=False))
+    elif prefixes:
+        for s in scored:
+            click.echo(f"{s.reward:.6f}\t{json.dumps(s.text, ensure_ascii=False)}")
+    else:
+        click.echo(f"{scored[-1].reward:.6f}")
 
 
 @main.command("export")

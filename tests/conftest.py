@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from args_local.runtime.models import default_policy, default_reward
+
+# Models built on first use (-r nontoxic) go to a cache of this test session, for the CLI's
+# subprocesses too, not to the user's.
+os.environ["ARGS_LOCAL_CACHE"] = tempfile.mkdtemp(prefix="args-local-test-cache-")
 
 
 @pytest.fixture(scope="session")
@@ -39,21 +43,13 @@ def reward(reward_path):
 
 
 @pytest.fixture(scope="session")
-def hatesonar_reward(tmp_path_factory) -> Path:
-    """The string-input ONNX classifier from the PyPI package hatesonar as a reward-model folder:
-    reward = P(neither hate nor offensive). Its lowercasing node asks for a locale these
-    machines lack, so the folder's copy names C.UTF-8."""
-    onnx = pytest.importorskip("onnx")
-    source = importlib.metadata.distribution("hatesonar").locate_file("hatesonar/model/model.onnx")
-    model = onnx.load(str(source))
-    for node in model.graph.node:
-        if node.op_type == "StringNormalizer":
-            node.attribute.append(onnx.helper.make_attribute("locale", "C.UTF-8"))
-    folder = tmp_path_factory.mktemp("hatesonar")
-    onnx.save(model, str(folder / "model.onnx"))
-    manifest = {"name": "hatesonar-clean", "input": "text", "format": "response", "output": "output_probability", "index": 2, "range": [0, 1]}
-    (folder / "reward.json").write_text(json.dumps(manifest))
-    return folder
+def hatesonar_reward() -> Path:
+    """The shipped non-toxicity reward (``-r nontoxic``), built from the PyPI package hatesonar
+    into this session's cache: reward = P(neither hate speech nor offensive), raw strings in."""
+    pytest.importorskip("onnx")
+    from args_local.runtime.models import nontoxic_reward
+
+    return nontoxic_reward()
 
 
 def cli(*args: str, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -136,6 +136,27 @@ def test_summary_and_table_by_hand():
     assert text.rstrip().endswith("0.25x |")  # 5 tokens/s against greedy's 20
 
 
+def test_several_guides_get_a_column_each_and_a_trade_off_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+
+    def row(setting, method, weight, a, b):
+        return {"setting": setting, "method": method, "settings": {"weight": weight, "top_k": 10}, "tokens": 10,
+                "elapsed": 1.0, "reward_calls": 0, **{f: 0.5 for f, _ in ev.METRICS},
+                "guide_reward": a, "guide_rewards": {"sentiment": a, "nontoxic": b}}
+
+    rows = [row("greedy", "greedy", 0.0, 0.4, 0.6), row("args-greedy k=10 w=0", "args-greedy", 0.0, 0.6, 0.6),
+            row("args-greedy k=10 w=4", "args-greedy", 4.0, 0.5, 0.7), row("args-greedy k=10 w=4", "args-greedy", 4.0, 0.3, 0.9)]
+    summaries = ev.summarise(rows)
+    assert summaries[2].guides == pytest.approx({"sentiment": 0.4, "nontoxic": 0.8})
+    text = ev.table(summaries)
+    assert "| guide sentiment | guide nontoxic |" in text and "| 0.400 | 0.800 |" in text
+    plots = ev.write_plots(summaries, tmp_path / "run")
+    assert tmp_path / "run.trade-off.png" in plots and (tmp_path / "run.trade-off.png").stat().st_size > 0
+    one = ev.summarise([{**r, "guide_rewards": {"sentiment": r["guide_reward"]}} for r in rows])
+    assert "guide sentiment" not in ev.table(one)  # one guide: the guide reward column says it all
+    assert not any(p.name.endswith("trade-off.png") for p in ev.write_plots(one, tmp_path / "single"))
+
+
 def test_read_done_cuts_a_torn_line(tmp_path):
     out = tmp_path / "e.jsonl"
     good = {"index": 0, "prompt": "p", "method": "greedy", "settings": {"a": 1}, "model": "m", "reward_model": "r"}

@@ -612,3 +612,68 @@ def test_weights_above_the_protobuf_limit_travel_as_external_data(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx_data"]
     y = ort.InferenceSession(str(out / "model.onnx")).run(None, {"x": np.ones((1, 4), np.float32)})[0]
     assert np.allclose(y, weight.sum(axis=0))
+
+
+# -- args-local score on every kind of reward model -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_score_on_every_kind_of_reward_model(exported, bert_source, llama_source, gpt2_source, policy, hatesonar_reward):
+    """score gives what the search sees: the text path's reward of the whole text for encoders
+    (pair), template decoders and string classifiers; the same through the KV cache as through
+    full re-scoring for cached decoders, shared vocabulary or bridged; one reward per policy token
+    with --prefixes, the last being the whole response's."""
+    from args_local.runtime.engine import Engine
+    from args_local.score import score
+
+    folders = {
+        "bert pair": exported(bert_source)[0],
+        "llama template": exported(llama_source)[0],
+        "llama shared cache": exported(llama_source, with_past=True, past_layout="shared")[0],
+        "gpt2 per-row cache, bridged": exported(gpt2_source, with_past=True, past_layout="per-row")[0],
+        "hatesonar text": hatesonar_reward,
+    }
+    prompt, response = PAIRS[1]
+    n_tokens = len(policy.tokenize(response, special=False, bos=False))
+    for name, folder in folders.items():
+        reward = RewardModel(folder)
+        engine = Engine(policy, reward)
+        curve = score(engine, prompt, response, prefixes=True)
+        whole = score(engine, prompt, response)[-1]
+        assert len(curve) == n_tokens and curve[-1].text == whole.text == response, name
+        assert abs(curve[-1].reward - whole.reward) < 1e-5, name  # stepwise or caught up at once
+        assert [c.text for c in curve] == sorted((c.text for c in curve), key=len), name
+        full = score(engine, prompt, response, use_cache=False)[-1]
+        assert abs(whole.reward - full.reward) < 1e-4, name
+        if not reward.manifest.kv_cache:
+            assert whole.reward == pytest.approx(float(reward.score_texts([prompt], [response])[0]), abs=1e-6), name
+        if reward.manifest.activation == "none":
+            assert whole.raw == whole.reward, name
+        elif reward.manifest.activation == "sigmoid":
+            assert whole.reward == pytest.approx(1 / (1 + np.exp(-whole.raw))), name
+        else:  # softmax: raw is the chosen label's logit
+            assert 0 <= whole.reward <= 1 and whole.raw != whole.reward, name
+        assert np.ptp([c.reward for c in curve]) > 0, name  # the curve moves
+
+
+@pytest.mark.slow
+def test_score_cli_json_batch_and_errors(tmp_path, hatesonar_reward):
+    out = cli("score", "-r", "nontoxic", "-t", "2", "Hi", "You are kind.", "--json")
+    assert out.returncode == 0, out.stderr.decode()
+    got = json.loads(out.stdout)
+    assert set(got) == {"reward", "raw"} and 0 <= got["reward"] <= 1
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "response": "You are kind."}) + "\n\n" + json.dumps({"prompt": "Hi", "response": ""}) + "\n")
+    out = cli("score", "-r", "nontoxic", "-t", "2", "--batch", str(pairs))
+    rows = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert out.returncode == 1 and rows[0]["reward"] == pytest.approx(got["reward"]) and "empty" in rows[1]["error"]
+    assert out.stderr.decode().strip().splitlines()[-1] == "args-local: error: 1 of 2 rows could not be scored; their errors are in the output"
+    pairs.write_text('{"prompt": "Hi"}\n')
+    for args, message in [
+        (("--batch", str(pairs)), 'a row needs a "prompt" string and a "response" string'),
+        (("Hi",), "give a PROMPT and a RESPONSE, or --batch FILE"),
+        (("-r", "nontoxic", "-r", "sentiment", "Hi", "there"), "score takes one reward model (-r)"),
+    ]:
+        out = cli("score", *args)
+        err = out.stderr.decode()
+        assert out.returncode in (1, 2) and message in err and "Traceback" not in err, err

@@ -62,6 +62,25 @@ class RewardStats:
 
 
 @dataclass
+class ModelReward:
+    """One reward model's part in a generation: its weight, the reward it gave each chosen
+    token it was asked about, and what it cost."""
+
+    name: str
+    weight: float
+    rewards: list[float] = field(default_factory=list)
+    cost: RewardStats = field(default_factory=RewardStats)
+
+    @property
+    def mean_reward(self) -> float | None:
+        return sum(self.rewards) / len(self.rewards) if self.rewards else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, "mean_reward": self.mean_reward,
+                "calls": self.cost.calls, "candidates": self.cost.candidates, "seconds": self.cost.seconds}
+
+
+@dataclass
 class Piece:
     """Text decided by one step ("" while a character or a possible stop string is incomplete)."""
 
@@ -71,7 +90,13 @@ class Piece:
 
 @dataclass
 class Result:
-    """What a finished generation reports (``--json``, batch and eval rows, bench timings)."""
+    """What a finished generation reports (``--json``, batch and eval rows, bench timings).
+
+    ``rewards`` holds what the search added at each step the reward models were asked: the
+    reward of the one model, or with several the weighted sum ``sum_i w_i * r_i``; ``models``
+    breaks it down per model (its own rewards, calls and seconds). The ``reward_*`` costs are
+    the totals over all models.
+    """
 
     text: str = ""
     tokens: int = 0
@@ -82,6 +107,7 @@ class Result:
     reward_candidates: int = 0
     reward_s: float = 0.0
     rewards: list[float] = field(default_factory=list)
+    models: list[ModelReward] = field(default_factory=list)
     stop_reason: str = "length"
 
     @property
@@ -99,6 +125,8 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("rewards")
+        d["reward_models"] = [m.as_dict() for m in self.models]
+        d.pop("models")
         d["mean_reward"] = self.mean_reward
         d["tokens_per_s"] = self.tokens / self.elapsed_s if self.elapsed_s > 0 else None
         return d

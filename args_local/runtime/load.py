@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import SettingsError
-from .engine import Engine
+from .engine import Engine, Guide
 
 MIN_CTX = 16
 
@@ -19,12 +20,41 @@ def max_threads() -> int:
 
 
 @dataclass(frozen=True)
+class RewardSpec:
+    """One ``-r PATH[:WEIGHT]``: a reward model (a folder, an .onnx file or a shipped name)
+    and its weight (None: the request's -w, else the model's suggestion)."""
+
+    path: Path
+    weight: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "RewardSpec":
+        """``PATH`` or ``PATH:WEIGHT``; a path that exists as written is never split, so a
+        file whose name ends in a colon and a number still loads."""
+        head, sep, tail = text.rpartition(":")
+        if not sep or not head or Path(text).exists():
+            return cls(Path(text))
+        try:
+            weight = float(tail)
+        except ValueError:
+            return cls(Path(text))
+        if not math.isfinite(weight):
+            raise SettingsError(f"the weight in -r {text} must be a finite number")
+        return cls(Path(head), weight)
+
+    def __str__(self) -> str:
+        return str(self.path) if self.weight is None else f"{self.path}:{self.weight:g}"
+
+
+@dataclass(frozen=True)
 class ModelOptions:
     """Which models to load and how to run them (what a request cannot change). ``model`` is a
-    GGUF path or a name that :func:`~args_local.runtime.models.resolve_policy` finds."""
+    GGUF path or a name that :func:`~args_local.runtime.models.resolve_policy` finds;
+    ``reward_model`` is one reward model (the Python API's), ``rewards`` the CLI's repeated -r."""
 
     model: str | Path | None = None
     reward_model: Path | None = None
+    rewards: tuple[RewardSpec, ...] = ()
     ctx_size: int = 4096
     threads: int | None = None
     gpu_layers: int = 0
@@ -37,13 +67,23 @@ class ModelOptions:
             raise SettingsError(f"threads must be from 1 to {max_threads()} (4 per CPU core here), not {self.threads}")
         if self.gpu_layers < -1:
             raise SettingsError(f"gpu_layers must be -1 (all) or at least 0, not {self.gpu_layers}")
+        if self.reward_model is not None and self.rewards:
+            raise SettingsError("give the reward model either as reward_model or as rewards, not both")
+
+    def reward_specs(self) -> tuple[RewardSpec, ...]:
+        """The reward models to load: those asked for, else the shipped default."""
+        from .models import default_reward
+
+        if self.rewards:
+            return self.rewards
+        return (RewardSpec(self.reward_model or default_reward()),)
 
 
 def load_engine(options: ModelOptions, with_reward: bool = True) -> Engine:
     """The policy and reward model named by ``options`` (the embedded defaults otherwise),
     with llama.cpp's and onnxruntime's logs kept off the terminal unless ``verbose``."""
     from . import policy as policy_mod
-    from .models import default_reward, resolve_policy
+    from .models import resolve_policy, resolve_reward
     from .reward import RewardModel, quiet_onnxruntime
 
     policy_mod.set_verbose(options.verbose)
@@ -55,7 +95,8 @@ def load_engine(options: ModelOptions, with_reward: bool = True) -> Engine:
         n_threads=options.threads,
         n_gpu_layers=options.gpu_layers,
     )
-    reward = None
+    guides = []
     if with_reward:
-        reward = RewardModel(options.reward_model or default_reward(), threads=options.threads, gpu=options.gpu_layers != 0)
-    return Engine(policy, reward)
+        guides = [Guide(RewardModel(resolve_reward(spec.path), threads=options.threads, gpu=options.gpu_layers != 0), spec.weight)
+                  for spec in options.reward_specs()]
+    return Engine(policy, guides=guides)

@@ -4,18 +4,22 @@ A policy is given as a path or as a name. Names are looked up, in this order, am
 GGUF files that installed ``llm-*`` packages ship (the default among them), ollama's store,
 LM Studio's models folder and the Hugging Face hub cache. Finding a name only reads the
 file system (each file read is bounded) and never downloads anything; the packages that
-ship models are found through their metadata, never imported.
+ship models are found through their metadata, never imported. A reward model is a path, or
+the name of a shipped one (``sentiment``; ``nontoxic``, built on first use from an installed package).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -257,3 +261,87 @@ def resolve_policy(model: str | Path | None) -> Path:
     raise ModelError(
         f"no GGUF file or known model is named {text!r}{hint}; `args-local models` lists the {len(found)} models found"
     )
+def resolve_reward(path: Path) -> Path:
+    """A reward model as ``-r`` names it: a folder or an .onnx file, or the name of a shipped
+    model (``sentiment``, ``nontoxic``) when no such file exists here."""
+    if path.exists() or str(path) not in SHIPPED_REWARDS:
+        return path
+    return SHIPPED_REWARDS[str(path)]()
+
+
+NONTOXIC_PACKAGE, NONTOXIC_FILE, NONTOXIC_LICENSE = "hatesonar", "hatesonar/model/model.onnx", "LICENSE"
+NONTOXIC_MANIFEST = {
+    "name": "nontoxic", "input": "text", "format": "response", "output": "output_probability",
+    "index": 2, "range": [0, 1], "source": "PyPI hatesonar (MIT licence, Hiroki Nakayama)",
+}  # hatesonar's classes: 0 hate speech, 1 offensive language, 2 neither
+LOCALES = ("C.UTF-8", "en_US.UTF-8", None)  # None: the graph as shipped
+
+
+def cache_dir() -> Path:
+    """Where models built on first use are kept: $ARGS_LOCAL_CACHE, else $XDG_CACHE_HOME/args-local."""
+    if os.environ.get("ARGS_LOCAL_CACHE"):
+        return Path(os.environ["ARGS_LOCAL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "args-local"
+
+
+def nontoxic_reward() -> Path:
+    """The non-toxicity reward, P(neither hate speech nor offensive), from the ONNX classifier
+    of the PyPI package hatesonar (MIT licence), which reads raw strings. Built on first use
+    into :func:`cache_dir`, with its licence beside it; nothing is downloaded.
+
+    The classifier lowercases with a StringNormalizer node whose default locale many machines
+    lack (onnxruntime then refuses the graph): the copy names the first locale that loads here.
+    The folder's name carries the source file's hash, so a new hatesonar builds a new folder.
+    """
+    try:
+        dist = importlib.metadata.distribution(NONTOXIC_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError("the nontoxic reward model is built from the package hatesonar, which is not installed: "
+                         "pip install 'args-local[eval]'") from None
+    source = Path(str(dist.locate_file(NONTOXIC_FILE)))
+    if not source.is_file():
+        raise ModelError(f"{source} is missing from the installed package hatesonar; reinstall it")
+    raw = source.read_bytes()
+    folder = cache_dir() / f"nontoxic-{hashlib.sha256(raw).hexdigest()[:12]}"
+    if (folder / "reward.json").exists():
+        return folder
+    licence = next((Path(str(dist.locate_file(f))) for f in dist.files or () if f.name == NONTOXIC_LICENSE), None)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for locale in LOCALES:
+        work = Path(tempfile.mkdtemp(prefix=".nontoxic-", dir=folder.parent))
+        try:
+            _write_nontoxic(work, raw, locale, licence)
+            from .reward import RewardModel
+
+            RewardModel(work)  # loads and scores a test text, or says why not
+        except ModelError as e:
+            errors.append(f"{locale or 'as shipped'}: {e}")
+            shutil.rmtree(work, ignore_errors=True)
+            continue
+        try:
+            work.rename(folder)  # atomic: a concurrent first use finds a whole folder or none
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)  # the other one won
+        return folder
+    raise ModelError(f"hatesonar's classifier does not run here ({'; '.join(errors)})")
+
+
+def _write_nontoxic(folder: Path, raw: bytes, locale: str | None, licence: Path | None) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise ModelError("building the nontoxic reward model needs the package onnx: pip install 'args-local[eval]'") from None
+    model = onnx.load_from_string(raw)
+    for node in model.graph.node:
+        if locale and node.op_type == "StringNormalizer":
+            kept = [a for a in node.attribute if a.name != "locale"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("locale", locale)])
+    onnx.save(model, str(folder / "model.onnx"))
+    (folder / "reward.json").write_text(json.dumps(NONTOXIC_MANIFEST, indent=2) + "\n", encoding="utf-8")
+    if licence is not None:
+        shutil.copyfile(licence, folder / "LICENSE.hatesonar")
+
+
+SHIPPED_REWARDS = {"sentiment": default_reward, "nontoxic": nontoxic_reward}

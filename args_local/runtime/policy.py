@@ -208,9 +208,11 @@ class LlamaPolicy:
             self._template = ChatTemplate(template, self.path.name, eos_token=eos, bos_token=bos)  # compiled once
         return self._template.render(messages)
 
-    def tokenize(self, text: str, special: bool) -> list[int]:
-        """Token ids of ``text``, with the BOS token where the model asks for one."""
-        return self._with_bos(self.llm.tokenize(_utf8(text), add_bos=False, special=special))
+    def tokenize(self, text: str, special: bool, bos: bool = True) -> list[int]:
+        """Token ids of ``text``, with the BOS token where the model asks for one (and ``bos``:
+        a response's tokens, which continue a prompt, have none)."""
+        ids = self.llm.tokenize(_utf8(text), add_bos=False, special=special)
+        return self._with_bos(ids) if bos else ids
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         """The BOS token is added only where the model asks for it and the ids do not already

@@ -142,6 +142,7 @@ class RewardModel:
         returned = returned_prefix(self.manifest.kv_cache or "per-row")
         self.present_names = [n.replace(PAST_PREFIX, returned, 1) for n in self.past_names]
         self.stats = RewardStats()
+        self.last_raw = np.zeros(0)  # the last rewards before the activation (args-local score --json)
         self._vocab_check: tuple[list[str], bool] | None = None
         self._check_io()
         self._smoke_test()
@@ -256,13 +257,14 @@ class RewardModel:
 
     def rewards(self, raw: Any, last: np.ndarray | None) -> np.ndarray:
         """One reward per row from the reward output (see :func:`output_rows`): the manifest's
-        activation, then its index."""
+        activation, then its index. The values before the activation stay in ``last_raw``."""
         values = output_rows(raw, last)
         if not -values.shape[1] <= self.manifest.index < values.shape[1]:
             raise ModelError(
                 f"reward model {self.path}: output {self.output!r} has {values.shape[1]} values per "
                 f"text; manifest index {self.manifest.index} is out of range"
             )
+        self.last_raw = values[:, self.manifest.index]
         return activate(values, self.manifest.activation)[:, self.manifest.index]
 
     def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
