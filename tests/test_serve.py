@@ -258,3 +258,14 @@ def test_full_queue_is_429_with_retry_after(lone, lone_server, model):
     running.close()
     wait_for(lone_server, timeout=30, active=0, waiting=0)
     assert chat(lone, model, max_tokens=4).usage.completion_tokens >= 1
+
+
+def test_a_port_in_use_is_one_sentence_and_exit_1(server):
+    run = cli("serve", "--port", str(server.port), "-c", "64", timeout=120)
+    assert run.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{server.port}" in run.stderr.decode() and b"Traceback" not in run.stderr
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    with pytest.raises(RuntimeError, match="policy model not found"):
+        ServerProcess(["-m", str(tmp_path / "missing.gguf")], timeout=60)

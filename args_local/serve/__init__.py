@@ -6,10 +6,13 @@ from __future__ import annotations
 import dataclasses
 import socket
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..core.errors import ArgsLocalError
 from ..core.settings import Settings
+
+if TYPE_CHECKING:
+    from ..runtime.load import ModelOptions
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,9 @@ def listen(host: str, port: int) -> socket.socket:
         raise ArgsLocalError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def serve(models, defaults: Settings, options: ServeOptions, announce: Callable[[str], None]) -> None:
-    """Load the models (``models``: the runtime's ModelOptions), then answer requests until
-    interrupted (Ctrl-C, SIGTERM); ``announce`` gets one line when the server is ready."""
+def serve(models: ModelOptions, defaults: Settings, options: ServeOptions, announce: Callable[[str], None]) -> None:
+    """Load the models, then answer requests until interrupted (Ctrl-C, SIGTERM); ``announce``
+    gets one line when the server is ready."""
     try:
         import uvicorn
     except ImportError:

@@ -34,8 +34,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while (found := READY.search(self.output())) is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"args-local serve did not start:\n{self.output().decode(errors='replace')}")
+                output = self.output().decode(errors="replace")
+                self.__exit__()
+                raise RuntimeError(f"args-local serve did not start:\n{output}")
             time.sleep(0.2)
         self.url, self.port = found.group(1).decode(), int(found.group(2))
 
