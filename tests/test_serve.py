@@ -269,3 +269,10 @@ def test_a_port_in_use_is_one_sentence_and_exit_1(server):
 def test_a_server_that_cannot_start_says_why(tmp_path):
     with pytest.raises(RuntimeError, match="policy model not found"):
         ServerProcess(["-m", str(tmp_path / "missing.gguf")], timeout=60)
+
+
+def test_a_kv_cache_beyond_memory_is_refused_before_allocating():
+    run = cli("serve", "--port", "0", "-c", "131072", "--parallel", "256", timeout=120)
+    assert run.returncode == 2, run.stderr.decode()
+    err = run.stderr.decode()
+    assert "for each of 256 parallel requests" in err and b"Traceback" not in run.stderr

@@ -34,10 +34,10 @@ from typing import Iterator, Sequence
 import llama_cpp
 import numpy as np
 
-from ..core.errors import ArgsLocalError, ModelError, PromptError
+from ..core.errors import ArgsLocalError, ModelError, PromptError, SettingsError
 from ..core.request import Piece, Request, Result
 from .engine import Engine
-from .policy import N_BATCH, LlamaPolicy
+from .policy import N_BATCH, LlamaPolicy, check_memory
 
 
 class BatchedPolicy:
@@ -47,6 +47,11 @@ class BatchedPolicy:
     def __init__(self, policy: LlamaPolicy, parallel: int, n_ctx: int) -> None:
         self.policy = policy
         self.parallel = parallel
+        try:
+            check_memory(policy.path, n_ctx * parallel)
+        except SettingsError as e:
+            raise SettingsError(f"{e} (the server holds -c {n_ctx} for each of {parallel} parallel requests; "
+                                "or lower --parallel)", e.setting) from None
         params = type(policy.llm.context_params).from_buffer_copy(policy.llm.context_params)
         params.n_seq_max = parallel
         params.n_ctx = n_ctx * parallel
@@ -61,7 +66,7 @@ class BatchedPolicy:
                 "(out of memory? lower --parallel or -c)"
             )
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.n_ctx = min(n_ctx, llama_cpp.llama_n_ctx_seq(self.ctx))  # what was asked for, not llama.cpp's rounding
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.n_vocab = policy.n_vocab
         self._batch = llama_cpp.llama_batch_init(max(self.n_batch, parallel), 0, 1)
