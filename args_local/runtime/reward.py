@@ -27,6 +27,7 @@ from ..core.contract import PAST_PREFIX, activate, last_positions, output_rows, 
 from ..core.errors import ModelError, RewardError
 from ..core.manifest import Manifest, read_manifest
 from ..core.request import RewardStats
+from .cpus import usable_cpus
 
 try:
     import onnxruntime as ort
@@ -83,7 +84,7 @@ quiet_onnxruntime(True)  # until a front end asks for -v
 def session_options(threads: int | None) -> ort.SessionOptions:
     """One session thread pool that does not spin: llama.cpp needs the cores between runs."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.intra_op_num_threads = threads or len(usable_cpus())
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")

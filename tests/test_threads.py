@@ -1,0 +1,48 @@
+"""Default thread count from the CPU topology, on fake sysfs trees."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from args_local.runtime.cpus import physical_cores, usable_cpus
+
+
+def fake_sysfs(root, siblings: dict[int, str]):
+    """A /sys/devices/system/cpu with one thread_siblings_list per logical CPU."""
+    for cpu, text in siblings.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(text + "\n")
+    return root
+
+
+def test_one_thread_per_core_counts_every_cpu(tmp_path):
+    """This machine's case (AMD, 1 thread per core): cpu_count() // 2 would say 1."""
+    sysfs = fake_sysfs(tmp_path, {0: "0", 1: "1"})
+    assert physical_cores([0, 1], sysfs) == 2
+
+
+def test_hyper_threads_of_one_core_count_once(tmp_path):
+    sysfs = fake_sysfs(tmp_path, {0: "0,4", 1: "1,5", 2: "2,6", 3: "3,7", 4: "0,4", 5: "1,5", 6: "2,6", 7: "3,7"})
+    assert physical_cores(range(8), sysfs) == 4
+
+
+def test_only_the_cpus_the_process_may_use(tmp_path):
+    """A container or taskset that allows two threads of one core gets one thread."""
+    sysfs = fake_sysfs(tmp_path, {0: "0-1", 1: "0-1", 2: "2-3", 3: "2-3"})
+    assert physical_cores([0, 1], sysfs) == 1
+    assert physical_cores([1, 2], sysfs) == 2
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS asks sysctl instead")
+def test_without_topology_files_llama_cpp_s_guess(tmp_path):
+    assert physical_cores(range(4), tmp_path) == 4  # small machines rarely have hyper-threads
+    assert physical_cores(range(16), tmp_path) == 8
+    partial = fake_sysfs(tmp_path / "partial", {0: "0,1"})  # cpu1's file missing: no half answer
+    assert physical_cores(range(2), partial) == 2
+
+
+def test_the_real_machine_within_its_cpus():
+    assert 1 <= physical_cores() <= len(usable_cpus())
