@@ -3,7 +3,8 @@
 The conversation is kept as token ids: each new turn appends the template's text
 between the last reply and the next assistant header to the tokens already
 evaluated, so the policy's cache reuse (``LlamaPolicy.start``) evaluates only the
-new turn, never the history again.
+new turn, never the history again. When the next turn would not fit the context window,
+the oldest exchanges are dropped (the system message stays), and the user is told.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .core.errors import ArgsLocalError
+from .core.errors import ArgsLocalError, PromptError
 from .core.request import Piece, Request, Result
 from .core.settings import ALIASES, Settings
 from .runtime.engine import Engine
@@ -24,9 +25,9 @@ HELP = """Commands:
   /set k N          candidates per token (top-k)
   /set w X          reward weight
   /set mode M       greedy or sample
-  /set temp T       sampling temperature
+  /set temp T       sampling temperature (selects mode sample; 0: greedy)
   /set n N          most tokens per reply
-  /set NAME VALUE   any other setting: top_p, seed, stop, ...
+  /set NAME VALUE   any other setting: repeat_penalty, top_p, min_p, seed, stop, ...
   /set              show the settings
   /set verbose      toggle per-reply timings and reward on stderr
   /reward PATH      switch to another reward model
@@ -36,6 +37,10 @@ HELP = """Commands:
   /bye              leave (Ctrl-D too)
   \"\"\"               start and end a multi-line message
 Ctrl-C stops a reply and keeps the conversation."""
+
+
+def _to_stderr(note: str) -> None:
+    sys.stderr.write(f"[{note}]\n")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class ChatSession:
     messages: list[dict[str, str]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     rendered: str = ""
+    notify: Callable[[str], None] = _to_stderr  # notes for the user (dropped turns), not replies
 
     def clear(self) -> None:
         self.messages, self.tokens, self.rendered = [], [], ""
@@ -68,11 +74,37 @@ class ChatSession:
         self.rendered = rendered
         return tokens
 
+    def _fitted_tokens(self) -> list[int]:
+        """The next prompt, with the oldest exchanges (a user message and its reply) dropped
+        until it leaves room for a reply of ``max_tokens`` (at most half the window). Only a
+        new message that does not fit the window by itself is an error; it is then forgotten
+        and the conversation kept."""
+        policy = self.engine.policy
+        room = min(self.settings.max_tokens, policy.n_ctx // 2)
+        tokens = self._prompt_tokens()
+        if len(tokens) + room <= policy.n_ctx:
+            return tokens
+        alone = len(policy.encode_chat(self._all_messages()[: 1 if self.settings.system else 0] + self.messages[-1:]))
+        if alone >= policy.n_ctx:
+            self.messages.pop()
+            self.tokens, self.rendered = [], ""  # that rendering held the refused message
+            raise PromptError(f"this message is {alone} tokens with the system message, more than the "
+                              f"{policy.n_ctx}-token context window; shorten it or restart chat with a larger -c")
+        dropped = 0
+        while len(tokens) + room > policy.n_ctx and len(self.messages) > 1:
+            del self.messages[:2]
+            dropped += 1
+            self.tokens, self.rendered = [], ""  # the history changed: render it anew
+            tokens = self._prompt_tokens()
+        self.notify(f"dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to fit the "
+                    f"{policy.n_ctx}-token context; restart chat with a larger -c to keep more")
+        return tokens
+
     def reply(self, text: str, result: Result) -> Iterator[Piece]:
         """Stream the assistant's answer to ``text``; the history keeps what was shown, even
         when the consumer stops early (Ctrl-C)."""
         self.messages.append({"role": "user", "content": text})
-        tokens = self._prompt_tokens()
+        tokens = self._fitted_tokens()
         request = Request(prompt=text, tokens=tokens, settings=self.settings)
         generated: list[int] = []
         try:
@@ -117,8 +149,10 @@ class ChatSession:
             return f"verbose {'on' if self.verbose else 'off'}"
         if key not in ALIASES:
             return f"/set takes k, w, mode, temp, n, verbose or a setting ({', '.join(sorted(set(ALIASES.values())))}); not {key!r}"
+        before = self.settings.mode
         self.settings = self.engine.resolve(self.settings.parse(key, value))  # checked in one place
-        return f"{key} = {getattr(self.settings, ALIASES[key])}"
+        shown = f"{key} = {getattr(self.settings, ALIASES[key])}"
+        return shown + (f" (mode = {self.settings.mode})" if self.settings.mode != before and key != "mode" else "")
 
 
 def read_message(prompt: Callable[[str], str], interactive: bool = True) -> str:
@@ -201,6 +235,9 @@ def repl(session: ChatSession, out=sys.stdout, err=sys.stderr) -> None:
             err.write(f"\nerror: {e}")
         out.write("\n")
         out.flush()
+        if result.stop_reason == "context":
+            err.write(f"[the reply filled the {session.engine.policy.n_ctx}-token context; "
+                      "the next turn drops the oldest exchanges]\n")
         if session.verbose:
             mean = f"{result.mean_reward:.3f}" if result.mean_reward is not None else "n/a"
             tps = result.tokens / result.elapsed_s if result.elapsed_s else 0.0

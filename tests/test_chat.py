@@ -9,9 +9,11 @@ import pexpect
 import pytest
 
 from args_local.chat import ChatSession
+from args_local.core.errors import PromptError
 from args_local.core.request import Result
 from args_local.core.settings import Settings
 from args_local.runtime.engine import Engine
+from args_local.runtime.policy import LlamaPolicy
 
 pytestmark = pytest.mark.slow  # real models or the real CLI
 
@@ -42,6 +44,58 @@ def test_set_commands_change_the_next_reply_settings(policy, reward):
     with pytest.raises(ValueError):
         session.command("/set k 0")
     assert session.command("/bye") is None
+
+
+def test_set_takes_every_knob(policy, reward):
+    session = ChatSession(Engine(policy, reward), Settings(weight=1.5))
+    assert session.command("/set repeat_penalty 1.3") == "repeat_penalty = 1.3"
+    assert session.command("/set repeat_last_n 32") == "repeat_last_n = 32"
+    assert session.command("/set presence_penalty 0.4") == "presence_penalty = 0.4"
+    assert session.command("/set frequency_penalty 0.2") == "frequency_penalty = 0.2"
+    assert session.command("/set top_p 0.9") == "top_p = 0.9"
+    assert session.command("/set min_p 0.05") == "min_p = 0.05"
+    assert session.command("/set mode greedy") == "mode = greedy"
+    assert session.command("/set temp 0.9") == "temp = 0.9 (mode = sample)"  # a temperature samples
+    assert session.command("/set temp 0") == "temp = 0.0 (mode = greedy)"
+    with pytest.raises(ValueError, match="repeat-penalty"):
+        session.command("/set repeat_penalty 0")
+    knobs = dict(repeat_penalty=1.3, repeat_last_n=32, presence_penalty=0.4, frequency_penalty=0.2, top_p=0.9, min_p=0.05)
+    assert session.settings == Settings(weight=1.5, mode="greedy", temperature=0.0, **knobs)
+    result = Result()
+    list(session.reply("Say hi.", result))
+    assert result.tokens > 0
+
+
+LONG_TURN = ("Here is what happened to me today, in some detail, because I want your advice on all of it: "
+             "the train was late, the coffee machine broke, my manager moved the meeting twice, and then "
+             "the printer jammed while I was printing the report that everyone was waiting for. Turn {}.")
+
+
+def test_chat_outlives_its_context(policy_path):
+    """Sixteen long turns in a 1024-token window: the oldest exchanges go, the system message
+    stays, the user is told, and no turn fails."""
+    small = LlamaPolicy(policy_path, n_ctx=1024)
+    notes: list[str] = []
+    system = "You are a patient assistant."
+    session = ChatSession(Engine(small, None), Settings(weight=0.0, max_tokens=8, system=system), notify=notes.append)
+    for turn in range(16):
+        result = Result()
+        list(session.reply(LONG_TURN.format(turn), result))
+        assert result.tokens > 0
+        assert result.prompt_tokens + result.tokens <= small.n_ctx
+    assert notes and all("to fit the 1024-token context" in n for n in notes)
+    assert session.messages[-2]["content"] == LONG_TURN.format(15)  # the newest exchange is kept...
+    assert all(m["content"] != LONG_TURN.format(0) for m in session.messages)  # ...the oldest went
+    assert small.render_chat(session._all_messages()).startswith(f"<|im_start|>system\n{system}<|im_end|>")
+
+    kept = list(session.messages)
+    with pytest.raises(PromptError, match="more than the 1024-token context window"):
+        list(session.reply("word " * 1200, Result()))
+    assert session.messages == kept  # a message that cannot fit alone is refused, the rest kept
+    result = Result()
+    list(session.reply("Are you still there?", result))
+    assert result.tokens > 0
+    small.close()
 
 
 @pytest.fixture
