@@ -18,7 +18,7 @@ import click
 
 from .core.defaults import CHAT, ENV_VARS, GENERATE
 from .core.errors import ArgsLocalError, PromptError, SettingsError
-from .core.settings import KNOBS, Settings  # pure: the runtimes themselves are imported lazily
+from .core.settings import KNOBS, LOOP_KNOBS, PAPER, Settings  # pure: the runtimes themselves are imported lazily
 
 log = logging.getLogger("args_local")
 
@@ -62,8 +62,8 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "top_k": ("-k", "--top-k"), "weight": ("-w", "--weight"), "mode": ("--mode",), "temperature": ("--temp",),
     "top_p": ("--top-p",), "min_p": ("--min-p",), "repeat_penalty": ("--repeat-penalty",),
     "repeat_last_n": ("--repeat-last-n",), "presence_penalty": ("--presence-penalty",),
-    "frequency_penalty": ("--frequency-penalty",), "seed": ("--seed",), "max_tokens": ("-n", "--max-tokens"), "stop": ("--stop",),
-    "system": ("-s", "--system"), "raw": ("--raw",), "ignore_eos": ("--ignore-eos",), "use_cache": ("--no-cache",),
+    "frequency_penalty": ("--frequency-penalty",), "seed": ("-s", "--seed"), "max_tokens": ("-n", "--max-tokens"), "stop": ("--stop",),
+    "system": ("-sys", "--system"), "raw": ("--raw",), "ignore_eos": ("--ignore-eos",), "use_cache": ("--no-cache",),
 }
 CLICK_TYPES = {int: int, float: float, str: str}
 
@@ -88,10 +88,23 @@ def settings_options(*names: str, defaults: Settings = Settings()) -> Callable:
     return decorate
 
 
+def paper_option(f: Callable) -> Callable:
+    """``--paper``: start from the ARGS paper's decoding instead of the measured defaults."""
+    return click.option("--paper", is_flag=True, help="the ARGS paper's decoding: ARGS-greedy on the raw logits, "
+                        "no penalties, no top-p or min-p (flags given still apply)")(f)
+
+
 def settings_from(opts: dict[str, Any], defaults: Settings = Settings()) -> Settings:
-    """The command's default settings with the flags that were given (popped from ``opts``)."""
+    """The command's default settings (the paper's with ``--paper``) with the flags that were
+    given, all popped from ``opts``. A temperature that changed the mode says so on stderr."""
+    if opts.pop("paper", False):
+        defaults = defaults.update(PAPER)
     given = {name: opts.pop(name) for name in list(opts) if name in KNOBS}
-    return defaults.update({k: v for k, v in given.items() if v is not None and v != ()})
+    given = {k: v for k, v in given.items() if v is not None and v != ()}
+    settings = defaults.update(given)
+    if "temperature" in given and "mode" not in given and settings.mode != defaults.mode:
+        click.echo(f"args-local: --temp {settings.temperature:g} selects --mode {settings.mode}", err=True)
+    return settings
 
 
 def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
@@ -156,6 +169,7 @@ SEARCH = ("top_k", "weight", "mode", "temperature", "top_p", "min_p", "repeat_pe
 @click.argument("prompt", required=False)
 @model_options
 @settings_options(*SEARCH, "max_tokens", "system", "raw", "stop", "ignore_eos", "use_cache", defaults=GENERATE)
+@paper_option
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
 @click.option("--batch", type=click.Path(path_type=Path, dir_okay=False), help="prompts file: one per line, or JSONL with \"prompt\" and per-row settings")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="with --batch: JSONL results file [default: stdout]")
@@ -200,21 +214,29 @@ def generate(prompt: str | None, as_json: bool, batch: Path | None, output: Path
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="alternating rounds; the table shows medians")
 @click.option("--full", is_flag=True, help="also time full re-scoring without the reward model's KV cache (slow at long lengths)")
 @click.option("-p", "--prompt", default="Tell me about your weekend.", show_default=True)
+@settings_options(*LOOP_KNOBS, defaults=GENERATE)
+@paper_option
 def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full: bool, prompt: str, **opts: Any) -> None:
-    """Time greedy decoding and ARGS on the same policy, in alternation; print a Markdown table."""
+    """Time greedy decoding and ARGS on the same policy, in alternation; print a Markdown table.
+
+    The ARGS rows decode with generate's defaults for the repetition flags, or the flags given."""
     from . import bench as b
+    from .runtime.cpus import physical_cores
     from .runtime.load import load_engine
     from .runtime.memory import peak_rss_mb
 
+    knobs = settings_from(opts, GENERATE)
     models = models_from(opts)
     engine = load_engine(models)
-    settings = engine.resolve(Settings(top_k=top_k, weight=weight, max_tokens=max_tokens, ignore_eos=True))
+    settings = engine.resolve(knobs.update(top_k=top_k, weight=weight, max_tokens=max_tokens, ignore_eos=True))
+    threads = engine.policy.threads
     rows = b.bench(
-        engine, prompt, b.variants(settings, full), max_tokens, repeats,
+        engine, prompt, b.variants(settings, full, threads), max_tokens, repeats,
         progress=lambda msg: click.echo(f"args-local: {msg}", err=True),
     )
     guides = ", ".join(f"{name} w = {w:g}" for name, w in zip(engine.labels(), engine.weights(settings)))
-    click.echo(f"policy {engine.policy.path.name}, reward {guides}, {max_tokens} tokens, median of {repeats} runs\n")
+    click.echo(f"policy {engine.policy.path.name} on {threads} thread{'s' if threads > 1 else ''} ({physical_cores()} "
+               f"physical cores usable here), reward {guides}, {max_tokens} tokens, median of {repeats} runs\n")
     click.echo(b.table(rows))
     breakdown = b.per_model(rows)
     if breakdown:
@@ -235,6 +257,7 @@ def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full:
 @main.command()
 @model_options
 @settings_options(*SEARCH, "max_tokens", "system", defaults=CHAT)
+@paper_option
 def chat(**opts: Any) -> None:
     """Chat in the terminal under ARGS decoding; /help lists the commands."""
     from .chat import ChatSession, repl
@@ -285,19 +308,24 @@ def serve(host: str, port: int, parallel: int, queue: int, api_key: str | None, 
 @click.option("--sample-top-k", type=click.IntRange(min=1), default=40, show_default=True, help="k of top-k sampling and best-of-N")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True, help="p of nucleus sampling")
 @click.option("--best-of", type=click.IntRange(min=1), default=4, show_default=True, help="N of best-of-N")
-@click.option("--seed", type=int, default=0, show_default=True, help="base seed of every sampled row")
-@click.option("-s", "--system", help="system message for the chat template")
+@click.option("-s", "--seed", type=int, default=0, show_default=True, help="base seed of every sampled row")
+@click.option("-sys", "--system", help="system message for the chat template")
 @click.option("--raw", is_flag=True, help="send prompts as they are, without the chat template")
 @click.option("--ignore-eos", is_flag=True, help="always generate -n tokens")
 @click.option("--limit", type=click.IntRange(min=1), help="only the first N prompts")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+@settings_options(*LOOP_KNOBS, defaults=Settings().update(PAPER))
 def eval_cmd(prompts_file: Path, output: Path | None, limit: int | None, no_plots: bool, **opts: Any) -> None:
-    """Compare ARGS with greedy, top-k, nucleus and best-of-N on PROMPTS_FILE, scored by held-out judges."""
+    """Compare ARGS with greedy, top-k, nucleus and best-of-N on PROMPTS_FILE, scored by held-out judges.
+
+    The repetition flags apply to every method alike (off by default, as in the paper)."""
     from .eval import command, make_plan
 
     models = models_from(opts)
+    knobs = {name: opts.pop(name) for name in LOOP_KNOBS}
     plan = make_plan(opts.pop("methods"), opts.pop("weights"), opts.pop("top_ks"), models.reward_specs()[0].path,
-                     temperature=opts.pop("temp"), sample_temperature=opts.pop("sample_temp"), **opts)
+                     temperature=opts.pop("temp"), sample_temperature=opts.pop("sample_temp"), **opts,
+                     **{k: v for k, v in knobs.items() if v is not None})
     click.echo(command(prompts_file, plan, models, output, limit, not no_plots, lambda msg: click.echo(f"args-local: {msg}", err=True)))
 
 

@@ -192,7 +192,12 @@ def test_all_nan_rewards_stop_with_an_error(tmp_path, reward_path):
         (["-n", "-5"], ["--max-tokens"]),
         (["--mode", "beam"], ["--mode"]),
         (["--temp", "-0.5"], ["--temp"]),
-        (["--temp", "0"], ["--temp"]),
+        (["--mode", "greedy", "--temp", "0.8"], ["--temp", "means sample decoding but the mode given is greedy"]),
+        (["--mode", "sample", "--temp", "0"], ["--temp", "means greedy decoding"]),
+        (["--repeat-penalty", "0"], ["--repeat-penalty"]),
+        (["--presence-penalty", "3"], ["--presence-penalty"]),
+        (["--min-p", "1.5"], ["--min-p"]),
+        (["--top-p", "0"], ["--top-p"]),
         (["-c", "abc"], ["--ctx-size"]),
         (["--resume"], ["--batch"]),
     ],
@@ -206,6 +211,24 @@ def test_invalid_flags_are_usage_errors(flags, words):
 def test_prompt_longer_than_the_context():
     err = check(cli("generate", "word " * 600, "-c", "256"), 1, "context window is 256", "pass -c")
     assert "tokens" in err
+
+
+@pytest.mark.parametrize("ctx", [16, 100, 255, 300])
+def test_a_reply_that_fills_the_context_stops_cleanly(ctx):
+    """llama.cpp rounds -c up (to a multiple of 256 here): the reply runs to the window it
+    really allocated and stops there with stop_reason "context"."""
+    run = cli("generate", "Tell me a long story about dragons.", "-c", str(ctx), "-n", "2000", "--ignore-eos",
+              "-k", "2", "--json")
+    check(run, 0)
+    out = json.loads(run.stdout)
+    assert out["stop_reason"] == "context"
+    assert out["prompt_tokens"] + out["tokens"] >= ctx
+    assert out["tokens"] < 2000
+
+
+def test_a_prompt_over_the_allocated_context_at_the_smallest_c():
+    err = check(cli("generate", "word " * 600, "-c", "16"), 1, "context window is", "pass -c")
+    assert "internal error" not in err
 
 
 def test_non_utf8_stdin():

@@ -99,3 +99,19 @@ def test_long_batch_keeps_memory_flat(tmp_path):
     assert len(rss) == 500 and len(out.read_text().splitlines()) == 500
     print(f"RSS after row 20: {rss[19]:.0f} MB, after row 500: {rss[-1]:.0f} MB")
     assert rss[-1] - rss[19] < 25
+
+
+def test_batch_rows_take_the_loop_knobs(tmp_path):
+    knobs = {"repeat_penalty": 1.5, "repeat_last_n": 16, "presence_penalty": 1.0, "frequency_penalty": 0.5,
+             "top_p": 0.8, "min_p": 0.1, "temp": 0}
+    prompt = "Write three sentences about the sea."
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"prompt": prompt}) + "\n" + json.dumps({"prompt": prompt, **knobs}) + "\n")
+    run = cli("generate", "--batch", str(prompts), "--paper", "-w", "0", "-n", "40")
+    assert run.returncode == 0, run.stderr.decode()
+    plain, tuned = (json.loads(line) for line in run.stdout.decode().splitlines())
+    for name, value in knobs.items():
+        key = "temperature" if name == "temp" else name
+        assert tuned["settings"][key] == value
+    assert tuned["settings"]["mode"] == "greedy" and plain["settings"]["repeat_penalty"] == 1.0
+    assert tuned["text"] != plain["text"]

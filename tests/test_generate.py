@@ -152,3 +152,49 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
     assert run.returncode == 1
     assert "policy model not found" in run.stderr.decode()
     assert "Traceback" not in run.stderr.decode()
+
+
+def generate_json(*flags: str, prompt: str = "Write three sentences about the sea.") -> tuple[dict, str]:
+    run = cli("generate", prompt, "--json", *flags)
+    assert run.returncode == 0, run.stderr.decode()
+    return json.loads(run.stdout), run.stderr.decode()
+
+
+def test_the_loop_knobs_reach_the_search_from_the_flags():
+    knobs = {"--repeat-penalty": 1.5, "--repeat-last-n": 16, "--presence-penalty": 1.0, "--frequency-penalty": 0.5,
+             "--top-p": 0.8, "--min-p": 0.1}
+    flags = [str(x) for kv in knobs.items() for x in kv]
+    tuned, _ = generate_json("--paper", "-w", "0", "-n", "40", *flags)
+    plain, _ = generate_json("--paper", "-w", "0", "-n", "40")
+    settings = tuned["settings"]
+    assert (settings["repeat_penalty"], settings["repeat_last_n"], settings["presence_penalty"],
+            settings["frequency_penalty"], settings["top_p"], settings["min_p"]) == tuple(knobs.values())
+    assert tuned["text"] != plain["text"]  # greedy with penalties is another text
+
+
+def test_paper_preset_is_the_paper_s_args_greedy():
+    out, _ = generate_json("--paper", "-n", "8")
+    s = out["settings"]
+    assert (s["mode"], s["repeat_penalty"], s["presence_penalty"], s["frequency_penalty"], s["top_p"], s["min_p"]) == (
+        "greedy", 1.0, 0.0, 0.0, 1.0, 0.0)
+    again, _ = generate_json("--paper", "-n", "8")
+    assert again["text"] == out["text"]  # greedy: reproducible
+    moved, _ = generate_json("--paper", "-n", "8", "--repeat-penalty", "1.2")
+    assert moved["settings"]["repeat_penalty"] == 1.2  # flags given still apply
+
+
+def test_short_flags_as_llama_cpp_spells_them():
+    out, _ = generate_json("-s", "42", "-sys", "Answer in one word.", "-n", "4")
+    assert out["settings"]["seed"] == 42  # -s is the seed, as in llama.cpp
+    assert out["settings"]["system"] == "Answer in one word."
+    sampled = [generate_json(flag, "7", "--temp", "0.9", "-n", "12")[0]["text"] for flag in ("-s", "--seed")]
+    assert sampled[0] == sampled[1]
+
+
+def test_a_temperature_that_changes_the_mode_says_so():
+    from args_local.cli import GENERATE
+
+    temp, mode = ("0", "greedy") if GENERATE.mode == "sample" else ("0.9", "sample")
+    out, err = generate_json("--temp", temp, "-n", "4")
+    assert out["settings"]["mode"] == mode
+    assert f"--temp {temp} selects --mode {mode}" in err

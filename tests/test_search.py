@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from args_local.core.errors import RewardError
+from args_local.core.errors import RewardError, SettingsError
 from args_local.core.search import args_search, contenders, penalize, top_k, truncate
-from args_local.core.settings import Settings
+from args_local.core.settings import PAPER, Settings
 from fakes import FnScorer, TablePolicy
 
 
@@ -143,7 +143,81 @@ def test_history_opens_the_penalty_window():
     assert step.token != first
 
 
-@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(weight=math.nan), dict(weight=math.inf), dict(mode="beam"), dict(mode="sample", temperature=-1.0)])
+def test_presence_and_frequency_penalties_each_by_hand():
+    logits = np.array([1.0, 2.0, 3.0])
+    window = [2, 2, 2, 0]
+    presence = penalize(logits, window, Settings(weight=0.0, presence_penalty=0.5))
+    assert presence.tolist() == [0.5, 2.0, 2.5]  # once per seen token, however often
+    frequency = penalize(logits, window, Settings(weight=0.0, frequency_penalty=0.5))
+    assert frequency.tolist() == [0.5, 2.0, 1.5]  # 3.0 - 3 * 0.5: by count
+    repeat = penalize(logits, window, Settings(weight=0.0, repeat_penalty=1.5))
+    assert np.allclose(repeat, [1.0 / 1.5, 2.0, 3.0 / 1.5])
+
+
+class Fixed:
+    """A policy with the same logits at every step."""
+
+    def __init__(self, logits) -> None:
+        self.values = np.array(logits, dtype=np.float64)
+
+    def logits(self) -> np.ndarray:
+        return self.values
+
+    def advance(self, token: int) -> None:
+        pass
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("knob, kept", [
+    (dict(min_p=0.2), False),  # p(3) / p(0) = 0.05 / 0.5 = 0.1 < 0.2: dropped before the reward model
+    (dict(min_p=0.05), True),
+    (dict(top_p=0.9), False),  # 0.5 + 0.3 + 0.15 = 0.95 reaches 0.9 without token 3
+    (dict(top_p=1.0), True),
+])
+def test_truncated_candidates_cannot_win_whatever_their_reward(knob, kept):
+    policy = Fixed(np.log([0.5, 0.3, 0.15, 0.05]))
+    scorer = FnScorer(lambda r, t: 10.0 if t == 3 else 0.0)  # the least likely token is the reward's favourite
+    step = next(args_search(policy, scorer, Settings(top_k=4, weight=1.0, **knob), 1))
+    assert (step.token == 3) == kept
+
+
+def test_penalties_act_before_the_top_k():
+    """A penalised token leaves the top k, so the reward model never sees it."""
+    seen: list[int] = []
+    scorer = FnScorer(lambda r, t: seen.append(t) or 0.0)
+    s = Settings(top_k=2, weight=1.0, presence_penalty=2.0, frequency_penalty=1.5)
+    step = next(args_search(Fixed([5.0, 4.0, 1.0]), scorer, s, 1, history=[0, 0]))
+    assert step.token == 1
+    assert sorted(seen) == [1, 2]  # token 0: 5 - 2 * 1.5 - 2 = 0, below token 2's 1
+
+
+def test_a_temperature_chooses_the_mode():
+    greedy = Settings(mode="greedy")
+    assert greedy.update(temperature=0.8).mode == "sample"  # llama.cpp and ollama users sample with --temp
+    assert Settings(mode="sample").update(temp=0).mode == "greedy"  # llama.cpp's --temp 0
+    assert greedy.update(mode="sample", temperature=1.2) == Settings(mode="sample", temperature=1.2)
+    assert greedy.update(mode="greedy").mode == "greedy"  # no temperature given: nothing implied
+    with pytest.raises(SettingsError, match="temperature 0.8 means sample decoding but the mode given is greedy"):
+        greedy.update(mode="greedy", temperature=0.8)
+    with pytest.raises(SettingsError, match="temperature 0 means greedy"):
+        greedy.update(mode="sample", temperature=0)
+    with pytest.raises(SettingsError, match="sampling needs a temperature above 0"):
+        Settings(mode="sample", temperature=0.0)
+    assert greedy.parse("temp", "0.5").mode == "sample"  # chat's /set temp 0.5
+
+
+def test_the_paper_preset_turns_every_loop_knob_off():
+    paper = Settings(mode="sample", repeat_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5, min_p=0.1,
+                     top_p=0.9).update(PAPER)
+    assert paper.mode == "greedy"
+    logits = np.array([1.0, 2.0, 3.0])
+    assert penalize(logits, [0, 1, 2], paper) is logits
+    assert truncate(np.log([0.9, 0.05, 0.05]), paper.top_p, paper.min_p).all()
+
+
+@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(weight=math.nan), dict(weight=math.inf), dict(mode="beam"), dict(mode="sample", temperature=-1.0), dict(mode="sample", temperature=0.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         Settings(**bad)

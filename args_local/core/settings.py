@@ -14,6 +14,7 @@ import dataclasses
 import math
 import reprlib
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
 from .errors import SettingsError
@@ -67,7 +68,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("top_k", int, "candidates the reward model scores per token", 1, aliases=("k",)),
     Knob("weight", float, "reward weight w in logit + w * reward [default: the reward model's]", optional=True, aliases=("w",)),
     Knob("mode", str, "greedy: argmax of the ARGS score; sample: draw from softmax(score / temp)", choices=MODES),
-    Knob("temperature", float, "temperature of --mode sample", 0, 100, low_open=True, aliases=("temp",)),
+    Knob("temperature", float, "sampling temperature: setting it selects --mode sample, and 0 --mode greedy, as in llama.cpp", 0, 100, aliases=("temp",)),
     Knob("top_p", float, "keep the policy's most likely candidates whose probability adds up to p (1: off)", 0, 1, low_open=True),
     Knob("min_p", float, "drop candidates less likely than min-p times the most likely one (0: off)", 0, 1),
     Knob("repeat_penalty", float, "divide the logits of tokens seen in the last repeat-last-n tokens by this (1: off)", 0, 10, low_open=True),
@@ -83,6 +84,13 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("use_cache", bool, "score candidates against the reward model's KV cache (false: full re-scoring)"),
 )}
 ALIASES: dict[str, str] = {a: k.name for k in KNOBS.values() for a in (k.name, *k.aliases)}
+# The knobs that keep replies from looping (and eval applies to every method alike).
+LOOP_KNOBS: tuple[str, ...] = ("min_p", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")
+# The ARGS paper's decoding: greedy on the raw logits, nothing penalised or truncated. One
+# flag (--paper) away from the defaults, so that its results stay reproducible.
+PAPER: Mapping[str, Any] = MappingProxyType({
+    "mode": "greedy", "min_p": 0.0, "top_p": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+})
 
 
 @dataclass(frozen=True)
@@ -114,16 +122,30 @@ class Settings:
             object.__setattr__(self, knob.name, _check(knob, getattr(self, knob.name)))
         if self.seed == -1:  # llama.cpp's spelling of "random"
             object.__setattr__(self, "seed", None)
+        if self.mode == "sample" and self.temperature == 0:
+            raise SettingsError("temperature 0 is greedy decoding; sampling needs a temperature above 0", "temperature")
 
     def update(self, values: Mapping[str, Any] | None = None, /, **more: Any) -> "Settings":
         """A copy with ``values`` (JSON rows, HTTP bodies, keywords; short names allowed)
-        checked and applied. Unknown names and wrong types are a :class:`SettingsError`."""
+        checked and applied. Unknown names and wrong types are a :class:`SettingsError`.
+
+        A temperature is what users of llama.cpp and ollama reach for to sample, so giving one
+        chooses the mode too: above 0 sampling, 0 greedy (llama.cpp's ``--temp 0``). Giving a
+        mode that contradicts it in the same update is an error, never a silent choice."""
         changes: dict[str, Any] = {}
         for key, value in {**(values or {}), **more}.items():
             name = ALIASES.get(key) if isinstance(key, str) else None
             if name is None:
                 raise SettingsError(f"unknown setting {key!r}; settings are {', '.join(KNOBS)}")
             changes[name] = value
+        if "temperature" not in changes:
+            return dataclasses.replace(self, **changes)
+        temperature = _check(KNOBS["temperature"], changes["temperature"])
+        implied = "greedy" if temperature == 0 else "sample"
+        mode = _check(KNOBS["mode"], changes.setdefault("mode", implied))
+        if mode != implied:
+            raise SettingsError(f"temperature {temperature:g} means {implied} decoding but the mode given is "
+                                f"{mode}; give one or the other", "temperature")
         return dataclasses.replace(self, **changes)
 
     def parse(self, key: str, text: str) -> "Settings":
