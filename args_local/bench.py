@@ -23,10 +23,12 @@ LENGTHS = (32, 128, 512)
 
 @dataclass(frozen=True)
 class Variant:
-    """A way to decode; ``config`` None is llama.cpp's own greedy loop (Llama.generate)."""
+    """A way to decode; ``settings`` None is llama.cpp's own greedy loop (Llama.generate).
+    ``threads`` None runs the policy at the thread count it was loaded with."""
 
     name: str
     settings: Settings | None
+    threads: int | None = None
 
 
 @dataclass
@@ -37,14 +39,18 @@ class Timing:
     step_s: list[float] = field(default_factory=list)
 
 
-def variants(args: Settings, full: bool) -> list[Variant]:
+def variants(args: Settings, full: bool, threads: int) -> list[Variant]:
     """llama.cpp's own greedy decoding first (the reference for the ratios), then greedy
-    through args-local's loop (its overhead), then the ARGS variants of ``args``."""
+    through args-local's loop (its overhead) at 1 thread and at the policy's ``threads``, so
+    that a default thread count that does not fit the machine shows, then the ARGS variants
+    of ``args``."""
     k = args.top_k
+    greedy = args.update(top_k=1, weight=0.0, mode="greedy")
     out = [
         Variant("llama.cpp greedy", None),
-        Variant("greedy", args.update(top_k=1, weight=0.0)),
-        Variant(f"args-greedy k={k}", args),
+        *([Variant("greedy -t 1", greedy, threads=1)] if threads != 1 else []),
+        Variant(f"greedy -t {threads}", greedy),
+        Variant(f"args-greedy k={k}", args.update(mode="greedy")),
         Variant(f"args-sample k={k}", args.update(mode="sample", seed=0)),
     ]
     if full:
@@ -57,11 +63,16 @@ def time_run(engine: Engine, tokens: list[int], prompt: str, variant: Variant, n
         return time_llama_cpp(engine, tokens, n)
     request = Request(prompt, tokens, variant.settings.update(max_tokens=n, ignore_eos=True))
     timing = Timing(Result())
-    last = time.perf_counter()
-    for _ in engine.stream(request, timing.result):
-        now = time.perf_counter()
-        timing.step_s.append(now - last)
-        last = now
+    loaded = engine.policy.threads
+    engine.policy.set_threads(variant.threads or loaded)
+    try:
+        last = time.perf_counter()
+        for _ in engine.stream(request, timing.result):
+            now = time.perf_counter()
+            timing.step_s.append(now - last)
+            last = now
+    finally:
+        engine.policy.set_threads(loaded)
     return timing
 
 

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from args_local.bench import Row, growth
+from args_local.runtime.cpus import physical_cores
 from conftest import cli
 
 
@@ -30,8 +31,11 @@ def test_bench_command_prints_every_variant_and_the_ratios(policy_path):
     run = cli("bench", "-m", str(policy_path), "-n", "130", "--repeats", "1", "--full")
     assert run.returncode == 0, run.stderr.decode()
     out = run.stdout.decode()
-    for name in ("llama.cpp greedy", "greedy", "args-greedy k=10", "args-sample k=10", "args-greedy k=10 full re-scoring"):
-        assert f"| {name}" in out
+    threads = physical_cores()
+    names = ["llama.cpp greedy", f"greedy -t {threads}", "args-greedy k=10", "args-sample k=10", "args-greedy k=10 full re-scoring"]
+    for name in names + (["greedy -t 1"] if threads > 1 else []):  # a default thread count that misfits shows
+        assert f"| {name} |" in out
+    assert f"on {threads} thread" in out
     assert re.search(r"per-token time @128 / @32: llama\.cpp greedy \d+\.\d\dx", out)
     assert re.search(r"args-greedy k=10 is \d+\.\dx faster per token than full re-scoring @128", out)
     assert re.search(rf"`args-local generate -m {re.escape(str(policy_path))}`: first token \d+\.\d\d s after launch, peak memory \d+ MB", out)

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from ..core.errors import ModelError, PromptError, SettingsError  # noqa: E402
 from ..core.gguf import kv_cache_bytes, read_gguf  # noqa: E402
 from ..core.text import text_problem  # noqa: E402
+from .cpus import physical_cores  # noqa: E402
 from .memory import available_bytes  # noqa: E402
 from .template import ChatTemplate  # noqa: E402
 
@@ -123,8 +124,7 @@ class LlamaPolicy:
         check_gguf(path)
         if n_gpu_layers == 0:
             check_memory(path, n_ctx)
-        # llama.cpp's own default: one thread per physical core (half the logical ones here).
-        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        threads = n_threads or physical_cores()  # one per physical core: see cpus.py
         _LOG_TAIL.clear()
         try:
             with _chat_templates_left_alone():
@@ -148,6 +148,7 @@ class LlamaPolicy:
                 "(the file may be truncated, or need a newer llama-cpp-python)"
             ) from None
         self.path = path
+        self.threads = threads
         self.vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         # llama.cpp rounds the context up (to 256 tokens); llama-cpp-python's own buffers keep the size asked for.
@@ -279,6 +280,12 @@ class LlamaPolicy:
     def forget_prompt(self) -> None:
         """Drop the kept prompt-end logits (before anything else writes this context's cache)."""
         self._prompt_end = None
+
+    def set_threads(self, threads: int) -> None:
+        """Decode with ``threads`` threads from now on (bench compares counts in one process)."""
+        if threads != self.threads:
+            llama_cpp.llama_set_n_threads(self.llm.ctx, threads, threads)
+            self.threads = threads
 
     def room(self) -> int:
         """How many more tokens fit in the context window."""
