@@ -75,10 +75,13 @@ class ChatSession:
         return tokens
 
     def _fitted_tokens(self) -> list[int]:
-        """The next prompt, with the oldest exchanges (a user message and its reply) dropped
-        until it leaves room for a reply of ``max_tokens`` (at most half the window). Only a
-        new message that does not fit the window by itself is an error; it is then forgotten
-        and the conversation kept."""
+        """The next prompt, leaving room for a reply of ``max_tokens`` (at most half the window).
+
+        When it does not fit, the oldest exchanges (a user message and its reply) are dropped
+        until the prompt takes at most half the space left for it: like llama.cpp's context
+        shift, half goes at once, so the re-evaluation that a changed history costs comes
+        rarely. Only a new message that does not fit the window by itself is an error; it is
+        then forgotten and the conversation kept."""
         policy = self.engine.policy
         room = min(self.settings.max_tokens, policy.n_ctx // 2)
         tokens = self._prompt_tokens()
@@ -91,13 +94,14 @@ class ChatSession:
             raise PromptError(f"this message is {alone} tokens with the system message, more than the "
                               f"{policy.n_ctx}-token context window; shorten it or restart chat with a larger -c")
         dropped = 0
-        while len(tokens) + room > policy.n_ctx and len(self.messages) > 1:
+        while len(tokens) > (policy.n_ctx - room) // 2 and len(self.messages) > 1:
             del self.messages[:2]
             dropped += 1
             self.tokens, self.rendered = [], ""  # the history changed: render it anew
             tokens = self._prompt_tokens()
-        self.notify(f"dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to fit the "
-                    f"{policy.n_ctx}-token context; restart chat with a larger -c to keep more")
+        if dropped:  # else the new message alone leaves less room than max_tokens: a shorter reply
+            self.notify(f"dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to fit the "
+                        f"{policy.n_ctx}-token context; restart chat with a larger -c to keep more")
         return tokens
 
     def reply(self, text: str, result: Result) -> Iterator[Piece]:

@@ -207,6 +207,7 @@ def test_read_done_cuts_a_torn_line(tmp_path):
         ev.read_done(out)
 
 
+@pytest.mark.slow
 def test_no_method_pays_a_prefill_in_its_time(policy, reward, judges, tmp_path):
     """eval prefills each prompt untimed; every method, the first included, must then start
     from that state: the policy evaluates each prompt once, plus every generated token."""
