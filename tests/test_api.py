@@ -35,35 +35,35 @@ def model():
 def test_defaults_and_text_are_the_clis(model):
     """No settings but the length: the same text as `args-local generate`, under the same
     settings (the reward model's weight among them)."""
-    run = cli("generate", PROMPT, "-n", "16", "--json")
+    run = cli("generate", PROMPT, "-n", "16", "--json", "-s", "5")  # the defaults sample: the same seed
     assert run.returncode == 0, run.stderr.decode()
     expected = json.loads(run.stdout)
-    stream = model.stream(PROMPT, max_tokens=16)
+    stream = model.stream(PROMPT, max_tokens=16, seed=5)
     pieces = list(stream)
     assert stream.request.settings.as_dict() == expected["settings"]
     assert stream.request.settings.weight == model.engine.reward.manifest.suggested_weight
     assert "".join(pieces) == stream.result.text == expected["text"]
     assert len(pieces) > 1  # pieces as they are decided, not one string at the end
-    result = model.generate(PROMPT, max_tokens=16)
+    result = model.generate(PROMPT, max_tokens=16, seed=5)
     assert result.text == expected["text"] and result.tokens == expected["tokens"] == 16
     assert result.elapsed_s > 0 and result.mean_reward == pytest.approx(expected["mean_reward"], abs=1e-3)
 
 
 @pytest.mark.slow
 def test_keyword_settings_match_the_flags(model):
-    run = cli("generate", PROMPT, "-n", "12", "-w", "0", "-k", "5", "-s", "Answer like a pirate.")
+    run = cli("generate", PROMPT, "-n", "12", "-w", "0", "-k", "5", "-sys", "Answer like a pirate.", "-s", "3")
     assert run.returncode == 0, run.stderr.decode()
-    result = model.generate(PROMPT, max_tokens=12, weight=0, top_k=5, system="Answer like a pirate.")
+    result = model.generate(PROMPT, max_tokens=12, weight=0, top_k=5, system="Answer like a pirate.", seed=3)
     assert result.text + "\n" == run.stdout.decode()
-    shared = args_local.Settings(max_tokens=12, weight=0, top_k=5)  # a Settings object, then keywords
+    shared = args_local.api.GENERATE.update(max_tokens=12, weight=0, top_k=5, seed=3)  # a Settings object, then keywords
     assert model.generate(PROMPT, shared, system="Answer like a pirate.").text == result.text
 
 
 @pytest.mark.slow
 def test_chat_renders_messages_in_the_template(model):
     system = "Answer like a pirate."
-    single = model.chat([{"role": "system", "content": system}, {"role": "user", "content": PROMPT}], max_tokens=12, weight=0)
-    assert single.text == model.generate(PROMPT, max_tokens=12, weight=0, system=system).text
+    single = model.chat([{"role": "system", "content": system}, {"role": "user", "content": PROMPT}], max_tokens=12, weight=0, seed=2)
+    assert single.text == model.generate(PROMPT, max_tokens=12, weight=0, system=system, seed=2).text
     history = [
         {"role": "user", "content": "My name is Zanzibar."},
         {"role": "assistant", "content": "Nice to meet you, Zanzibar!"},

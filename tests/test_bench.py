@@ -28,7 +28,7 @@ def test_growth_ratios_use_the_longest_measured_length():
 @pytest.mark.slow
 def test_bench_command_prints_every_variant_and_the_ratios(policy_path):
     # -m: the cold start must run the benchmarked policy (a GPU machine may lack the default one)
-    run = cli("bench", "-m", str(policy_path), "-n", "130", "--repeats", "1", "--full")
+    run = cli("bench", "-m", str(policy_path), "-n", "130", "--repeats", "1", "--full", timeout=600)
     assert run.returncode == 0, run.stderr.decode()
     out = run.stdout.decode()
     threads = physical_cores()

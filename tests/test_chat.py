@@ -48,18 +48,14 @@ def test_set_commands_change_the_next_reply_settings(policy, reward):
 
 def test_set_takes_every_knob(policy, reward):
     session = ChatSession(Engine(policy, reward), Settings(weight=1.5))
-    assert session.command("/set repeat_penalty 1.3") == "repeat_penalty = 1.3"
-    assert session.command("/set repeat_last_n 32") == "repeat_last_n = 32"
-    assert session.command("/set presence_penalty 0.4") == "presence_penalty = 0.4"
-    assert session.command("/set frequency_penalty 0.2") == "frequency_penalty = 0.2"
-    assert session.command("/set top_p 0.9") == "top_p = 0.9"
-    assert session.command("/set min_p 0.05") == "min_p = 0.05"
+    knobs = dict(repeat_penalty=1.3, repeat_last_n=32, presence_penalty=0.4, frequency_penalty=0.2, top_p=0.9, min_p=0.05)
+    for name, value in knobs.items():
+        assert session.command(f"/set {name} {value}") == f"{name} = {value}"
     assert session.command("/set mode greedy") == "mode = greedy"
     assert session.command("/set temp 0.9") == "temp = 0.9 (mode = sample)"  # a temperature samples
     assert session.command("/set temp 0") == "temp = 0.0 (mode = greedy)"
     with pytest.raises(ValueError, match="repeat-penalty"):
         session.command("/set repeat_penalty 0")
-    knobs = dict(repeat_penalty=1.3, repeat_last_n=32, presence_penalty=0.4, frequency_penalty=0.2, top_p=0.9, min_p=0.05)
     assert session.settings == Settings(weight=1.5, mode="greedy", temperature=0.0, **knobs)
     result = Result()
     list(session.reply("Say hi.", result))

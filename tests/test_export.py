@@ -458,7 +458,7 @@ def test_generate_with_the_kv_cache_equals_no_cache(exported, llama_source, poli
     assert isinstance(make_scorer(reward, "hi", policy.token_bytes, policy.vocab_texts), CachedScorer)
     runs = {}
     for name, extra in (("cache", ()), ("no-cache", ("--no-cache",)), ("unguided", ("-w", "0"))):
-        run = cli("generate", "Tell me about your weekend.", "-r", str(out), "-n", "16", "-w", "3", "--json", *extra)
+        run = cli("generate", "Tell me about your weekend.", "-r", str(out), "-n", "16", "-w", "3", "--json", "--paper", *extra)
         assert run.returncode == 0, run.stderr.decode()
         runs[name] = json.loads(run.stdout)
     assert runs["cache"]["text"] == runs["no-cache"]["text"]

@@ -58,14 +58,14 @@ def test_a_prompt_gets_the_clis_text(llm_env):
     expected = cli("generate", "-w", "0", "--mode", "greedy", "-n", "16", PROMPT)
     assert expected.returncode == 0 and expected.stdout.strip()
     assert run.stdout == expected.stdout.decode()
-    by_alias = llm(llm_env, "-m", "args-local/smollm2", PROMPT, "-o", "weight", "0", "-o", "max_tokens", "16")
+    by_alias = llm(llm_env, "-m", "args-local/smollm2", PROMPT, "-o", "mode", "greedy", "-o", "weight", "0", "-o", "max_tokens", "16")
     assert by_alias.stdout == run.stdout
 
 
 def test_a_conversation_carries_its_history(llm_env):
     """``llm -c`` continues the logged conversation: the reply is the API's chat reply to the
     whole history, with llm's system message first."""
-    options = ("-o", "weight", "0", "-o", "max_tokens", "16")
+    options = ("-o", "weight", "0", "-o", "max_tokens", "16", "-o", "mode", "greedy")  # the defaults sample
     first = llm(llm_env, "-m", "args-local", "My name is Zanzibar.", "-s", "Be brief.", *options)
     second = llm(llm_env, "-c", "What is my name?", *options)
     assert first.returncode == second.returncode == 0, (first.stderr, second.stderr)
@@ -76,8 +76,8 @@ def test_a_conversation_carries_its_history(llm_env):
         {"role": "user", "content": "What is my name?"},
     ]
     model = args_local.load()
-    assert second.stdout == model.chat(history, weight=0, max_tokens=16).text + "\n"
-    assert second.stdout != model.chat(history[-1:], weight=0, max_tokens=16).text + "\n"
+    assert second.stdout == model.chat(history, weight=0, max_tokens=16, mode="greedy").text + "\n"
+    assert second.stdout != model.chat(history[-1:], weight=0, max_tokens=16, mode="greedy").text + "\n"
 
 
 @pytest.mark.parametrize("option, words", [

@@ -106,7 +106,7 @@ def test_models_command_lists_what_it_finds(model_home):
 
 @pytest.mark.slow
 def test_generate_takes_a_name_from_a_flag_or_the_environment(model_home, monkeypatch):
-    args = ("generate", "Tell me about your weekend.", "-w", "0", "-n", "8")
+    args = ("generate", "Tell me about your weekend.", "-w", "0", "-n", "8", "-s", "1")  # the default samples
     default = cli(*args)
     by_name = cli(*args, "-m", "smollm2:135m")
     monkeypatch.setenv("ARGS_LOCAL_MODEL", "bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_1")

@@ -212,6 +212,7 @@ def test_the_paper_preset_turns_every_loop_knob_off():
     paper = Settings(mode="sample", repeat_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5, min_p=0.1,
                      top_p=0.9).update(PAPER)
     assert paper.mode == "greedy"
+    assert Settings().update(PAPER) == Settings()  # the field defaults are the paper's decoding
     logits = np.array([1.0, 2.0, 3.0])
     assert penalize(logits, [0, 1, 2], paper) is logits
     assert truncate(np.log([0.9, 0.05, 0.05]), paper.top_p, paper.min_p).all()

@@ -623,7 +623,7 @@ def test_onnxruntime_errors_are_one_sentence_and_info_fails(tmp_path, reward_pat
 @pytest.mark.parametrize("args, code, words", [
     ([b"caf\xe9"], 1, ["the prompt is not UTF-8 text (byte 0xe9"]),
     ([b"\xff"], 1, ["not UTF-8"]),
-    (["hi", "-s", b"\xfe"], 2, ["system is not UTF-8"]),
+    (["hi", "-sys", b"\xfe"], 2, ["system is not UTF-8"]),
     (["hi", "--stop", b"\xc3"], 2, ["stop is not UTF-8"]),
 ])
 def test_non_utf8_arguments_are_one_sentence(args, code, words):

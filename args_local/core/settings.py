@@ -86,8 +86,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
 ALIASES: dict[str, str] = {a: k.name for k in KNOBS.values() for a in (k.name, *k.aliases)}
 # The knobs that keep replies from looping (and eval applies to every method alike).
 LOOP_KNOBS: tuple[str, ...] = ("min_p", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")
-# The ARGS paper's decoding: greedy on the raw logits, nothing penalised or truncated. One
-# flag (--paper) away from the defaults, so that its results stay reproducible.
+# The ARGS paper's decoding: greedy on the raw logits, nothing penalised or truncated (the
+# field defaults of Settings). One flag (--paper) away from the user's defaults, so that its
+# results stay reproducible.
 PAPER: Mapping[str, Any] = MappingProxyType({
     "mode": "greedy", "min_p": 0.0, "top_p": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
 })
@@ -96,8 +97,10 @@ PAPER: Mapping[str, Any] = MappingProxyType({
 @dataclass(frozen=True)
 class Settings:
     """Everything a request can set. Frozen: change it with :meth:`update` or :meth:`parse`,
-    which check the new values. The defaults are the CLI's; ``weight`` None means the reward
-    model's own suggestion, filled in by the engine (:meth:`with_weight`)."""
+    which check the new values. ``weight`` None means the reward model's own suggestion, filled
+    in by the engine (:meth:`with_weight`). The field defaults are the ARGS paper's decoding
+    (:data:`PAPER`: greedy, nothing penalised); what a user gets by default is
+    :mod:`args_local.core.defaults`, measured against it."""
 
     top_k: int = 10
     weight: float | None = None
