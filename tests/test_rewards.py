@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from args_local.core.request import Request, Result
+from args_local.core.request import Result
 from args_local.core.settings import Settings
 from args_local.runtime.engine import Engine, Guide
 from args_local.runtime.load import RewardSpec
