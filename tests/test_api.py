@@ -69,10 +69,10 @@ def test_chat_renders_messages_in_the_template(model):
         {"role": "assistant", "content": "Nice to meet you, Zanzibar!"},
         {"role": "user", "content": "What is my name?"},
     ]
-    stream = model.chat_stream(history, max_tokens=16, weight=0)
+    stream = model.chat_stream(history, args_local.Settings(), max_tokens=16, weight=0)  # the paper's greedy: sampling may misspell the name
     assert stream.request.tokens == model.engine.policy.encode_chat(history)
     assert "Zanzibar" in "".join(stream)
-    assert stream.request.settings.max_tokens == 16 and stream.request.prompt == "What is my name?"
+    assert stream.request.settings.max_tokens == 16 and stream.request.settings.mode == "greedy" and stream.request.prompt == "What is my name?"
     assert model.chat_stream(history[:1]).request.settings.max_tokens == args_local.api.CHAT.max_tokens
 
 
