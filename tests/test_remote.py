@@ -135,7 +135,10 @@ def server_greedy(url: str, tokens: list[int], n: int) -> list[int]:
 def decode(engine: Engine, prompt: str, n: int, **settings: Any) -> tuple[list[int], Result, list]:
     request = engine.request(prompt, Settings(max_tokens=n, **settings))
     result = Result()
-    steps = [p.step for p in engine.stream(request, result)]
+    steps: list = []
+    for piece in engine.stream(request, result):
+        if not steps or piece.step is not steps[-1]:  # the text held back at the end comes with the last step
+            steps.append(piece.step)
     return [s.token for s in steps], result, steps
 
 
@@ -149,9 +152,30 @@ def test_greedy_through_the_server_is_the_servers_own_greedy(server, api):
     assert len(tokens) == 48
     assert tokens == expected[: len(tokens)]
     # And on the command line, as text.
-    run = cli("generate", "--policy-url", server, "--policy-api", api, "-w", "0", "--mode", "greedy", "-n", "48", "--json", PROMPT)
+    run = cli("generate", "--policy-url", server, "--policy-api", api, "--paper", "-w", "0", "-n", "48", "--json", PROMPT)
     assert run.returncode == 0, run.stderr.decode()
     assert json.loads(run.stdout)["text"] == result.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["native", "openai"])
+def test_tokens_that_are_parts_of_a_character_come_back_too(server, api):
+    """The server answers without probabilities when the token it samples itself is part of a
+    UTF-8 character; its greedy reply to this prompt has several such tokens."""
+    engine = Engine(RemotePolicy(server, api), None)
+    prompt = "Translate 'good morning' into Japanese."
+    tokens, _, _ = decode(engine, prompt, 24, weight=0.0, mode="greedy")
+    expected = server_greedy(server, engine.encode(prompt), 24)
+    assert any(_partial(engine.policy.token_bytes(t)) for t in expected)
+    assert tokens == expected
+
+
+def _partial(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 @pytest.mark.slow
@@ -205,6 +229,19 @@ def test_args_through_the_server_matches_in_process_args(server, policy, reward)
 
 
 @pytest.mark.slow
+def test_presence_and_frequency_penalties_match_in_process(server, policy, reward):
+    """Subtracted penalties act on log-probabilities as on logits (one constant apart); the server
+    is asked for the window's tokens beyond the top k, so the penalized top k is the same."""
+    settings = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "repeat_last_n": 64}
+    local_tokens, _, local_steps = decode(Engine(policy, reward), PROMPT, 32, **settings)
+    remote = RemotePolicy(server, vocab=policy)
+    tokens, result, steps = decode(Engine(remote, reward), PROMPT, 32, **settings)
+    assert remote.wanted() == 10 + len(set((remote.encode_chat([{"role": "user", "content": PROMPT}]) + tokens)[-64:]))
+    assert tokens == local_tokens
+    assert [s.reward for s in steps] == pytest.approx([s.reward for s in local_steps], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_two_clients_at_once_on_two_slots(server, reward):
     """Two engines at once (as two `serve` replicas would) on one server with --parallel 2: each
     step's candidates are its own prefix's. Decoded together, llama.cpp's numbers move with the
@@ -216,9 +253,8 @@ def test_two_clients_at_once_on_two_slots(server, reward):
 
     def run(i: int) -> None:
         engine = Engine(RemotePolicy(server), reward)
-        request = engine.request(prompts[i], Settings(max_tokens=24))
-        result = Result()
-        runs[i] = (request.tokens, [p.step for p in engine.stream(request, result)], result)
+        _, result, steps = decode(engine, prompts[i], 24)
+        runs[i] = (engine.encode(prompts[i]), steps, result)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -316,7 +352,7 @@ def test_openai_server_without_tokenizer_needs_the_gguf_and_fewer_candidates_war
     assert no_vocab.returncode == 1
     assert "has no tokenizer endpoints (it is not llama.cpp's server): pass -m with a GGUF" in no_vocab.stderr.decode()
 
-    run = cli("generate", "-m", str(policy_path), "--policy-url", vllm_shaped.url, "-w", "0", "-n", "24", "--json", PROMPT)
+    run = cli("generate", "-m", str(policy_path), "--policy-url", vllm_shaped.url, "--paper", "-w", "0", "-n", "24", "--json", PROMPT)
     assert run.returncode == 0, run.stderr.decode()
     warnings = run.stderr.decode().strip().splitlines()
     assert warnings == ["args-local: the policy server returned 5 candidates per token where 10 were asked for; "

@@ -145,6 +145,11 @@ class LlamaVocab(ChatTokenizer):
     def chat_template(self) -> str | None:
         return self.llm.metadata.get("tokenizer.chat_template")
 
+    @property
+    def eos_id(self) -> int | None:
+        eos = self.llm.token_eos()
+        return eos if eos >= 0 else None
+
     def _render(self, messages: Sequence[dict[str, str]]) -> str:
         """The model's own chat template, rendered within bounds (see :mod:`.template`)."""
         if self._template is None:

@@ -174,21 +174,29 @@ class Answer:
     server_ms: float | None = None
 
 
+def _llama_cpp_fields(fresh: bool, anchor: int | None) -> dict[str, Any]:
+    """What llama.cpp's server needs beside the prompt. ``cache_prompt`` false re-evaluates a
+    prompt whole: llama.cpp's numbers depend on the batch that computed them, and a result must
+    not depend on what the server ran before. The token the server samples itself is pinned to
+    ``anchor`` (an end-of-generation token, whose text is empty): the server answers without
+    probabilities when the token it samples is part of a UTF-8 character."""
+    return {"cache_prompt": not fresh, **({"logit_bias": {str(anchor): 1000}} if anchor is not None else {})}
+
+
 class NativeAPI:
     """llama.cpp's own ``/completion``: a token-id prompt, one token, ``n_probs`` candidates
-    from the raw logits (not after sampling). ``cache_prompt`` false re-evaluates a prompt
-    whole: llama.cpp's numbers depend on the batch that computed them, and a result must not
-    depend on what the server ran before."""
+    from the raw logits (not after sampling)."""
 
     name = "native"
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, anchor: int | None) -> None:
         self.conn = conn
+        self.anchor = anchor
 
     def top(self, tokens: Sequence[int], n: int, fresh: bool) -> Answer:
         out = self.conn.post("/completion", {
-            "prompt": list(tokens), "n_predict": 1, "n_probs": n, "cache_prompt": not fresh,
-            "temperature": 0, "response_fields": ["completion_probabilities", "timings"],
+            "prompt": list(tokens), "n_predict": 1, "n_probs": n, "temperature": 0,
+            "response_fields": ["completion_probabilities", "timings"], **_llama_cpp_fields(fresh, self.anchor),
         })
         probs = out.get("completion_probabilities") if isinstance(out, dict) else None
         if not probs or not isinstance(probs, list) or "top_logprobs" not in probs[0]:
@@ -208,15 +216,16 @@ class OpenAIAPI:
 
     name = "openai"
 
-    def __init__(self, conn: Connection, model: str, llama_cpp: bool) -> None:
+    def __init__(self, conn: Connection, model: str, llama_cpp: bool, anchor: int | None) -> None:
         self.conn = conn
         self.model = model
         self.llama_cpp = llama_cpp
+        self.anchor = anchor
 
     def top(self, tokens: Sequence[int], n: int, fresh: bool) -> Answer:
         body: dict[str, Any] = {"model": self.model, "prompt": list(tokens), "max_tokens": 1, "logprobs": n, "temperature": 0}
         if self.llama_cpp:
-            body["cache_prompt"] = not fresh  # see NativeAPI
+            body.update(_llama_cpp_fields(fresh, self.anchor))
         else:
             body["return_tokens_as_token_ids"] = True
         out = self.conn.post("/v1/completions", body)
@@ -279,6 +288,7 @@ class ServerVocab(ChatTokenizer):
         plain, marked = self._tokenize("a", False), self._ids("a", add_special=True, special=False)
         self.bos_id = marked[0] if len(marked) > len(plain) and marked[1 : 1 + len(plain)] == plain else None
         self.eog = self._eog_tokens()
+        self.eos_id = min(self.eog) if self.eog else None
 
     def _eog_tokens(self) -> frozenset[int]:
         """The end-of-generation tokens as llama.cpp defines them (EOS, EOT, ``<|im_end|>``...):
@@ -366,7 +376,6 @@ class RemotePolicy:
             raise ServerError(
                 f"{self.conn.url} serves neither llama.cpp's API (/props) nor an OpenAI-compatible one (/v1/models)"
             )
-        self.api = OpenAIAPI(self.conn, str(model.get("id", "")), llama_cpp) if api == "openai" or not llama_cpp else NativeAPI(self.conn)
         meta = model.get("meta")
         server_vocab = int(meta["n_vocab"]) if isinstance(meta, dict) and meta.get("n_vocab") else None
         if vocab is None:
@@ -383,6 +392,10 @@ class RemotePolicy:
             )
         self.vocab = vocab
         self.n_vocab = vocab.n_vocab
+        if api == "openai" or not llama_cpp:
+            self.api: NativeAPI | OpenAIAPI = OpenAIAPI(self.conn, str(model.get("id", "")), llama_cpp, vocab.eos_id)
+        else:
+            self.api = NativeAPI(self.conn, vocab.eos_id)
         if not self.n_vocab:
             raise ServerError(f"the policy server at {self.conn.url} does not say how many tokens its vocabulary has")
         slot_ctx = (props or {}).get("default_generation_settings", {}).get("n_ctx") if llama_cpp else model.get("max_model_len")
