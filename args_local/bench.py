@@ -24,26 +24,35 @@ LENGTHS = (32, 128, 512)
 @dataclass(frozen=True)
 class Variant:
     """A way to decode; ``settings`` None is llama.cpp's own greedy loop (Llama.generate).
-    ``threads`` None runs the policy at the thread count it was loaded with."""
+    ``threads`` None runs the policy at the thread count it was loaded with. ``remote_of``
+    names the in-process variant this one repeats with the policy on a server (--policy-url)."""
 
     name: str
     settings: Settings | None
     threads: int | None = None
+    remote_of: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.remote_of is not None
 
 
 @dataclass
 class Timing:
-    """One run: total throughput and the wall time of every step."""
+    """One run: total throughput, the wall time of every step and, with a remote policy,
+    the seconds spent in its HTTP round trips and computing on the server."""
 
     result: Result
     step_s: list[float] = field(default_factory=list)
+    http_s: float = 0.0
+    server_s: float = 0.0
 
 
-def variants(args: Settings, full: bool, threads: int) -> list[Variant]:
+def variants(args: Settings, full: bool, threads: int, remote: bool = False) -> list[Variant]:
     """llama.cpp's own greedy decoding first (the reference for the ratios), then greedy
     through args-local's loop (its overhead) at 1 thread and at the policy's ``threads``, so
     that a default thread count that does not fit the machine shows, then the ARGS variants
-    of ``args``."""
+    of ``args``; with a ``remote`` policy, greedy and ARGS-greedy through it too."""
     k = args.top_k
     greedy = args.update(top_k=1, weight=0.0, mode="greedy")
     out = [
@@ -55,6 +64,9 @@ def variants(args: Settings, full: bool, threads: int) -> list[Variant]:
     ]
     if full:
         out.append(Variant(f"args-greedy k={k} full re-scoring", args.update(use_cache=False)))
+    if remote:
+        out += [Variant("remote greedy", greedy, remote_of=f"greedy -t {threads}"),
+                Variant(f"remote args-greedy k={k}", args.update(mode="greedy"), remote_of=f"args-greedy k={k}")]
     return out
 
 
@@ -63,8 +75,12 @@ def time_run(engine: Engine, tokens: list[int], prompt: str, variant: Variant, n
         return time_llama_cpp(engine, tokens, n)
     request = Request(prompt, tokens, variant.settings.update(max_tokens=n, ignore_eos=True))
     timing = Timing(Result())
-    loaded = engine.policy.threads
-    engine.policy.set_threads(variant.threads or loaded)
+    trips = getattr(engine.policy, "trips", None)  # a remote policy's HTTP round trips
+    before = (trips.seconds, trips.server_seconds) if trips else (0.0, 0.0)
+    switch = variant.threads is not None
+    loaded = engine.policy.threads if switch else None
+    if switch:
+        engine.policy.set_threads(variant.threads)
     try:
         last = time.perf_counter()
         for _ in engine.stream(request, timing.result):
@@ -72,7 +88,10 @@ def time_run(engine: Engine, tokens: list[int], prompt: str, variant: Variant, n
             timing.step_s.append(now - last)
             last = now
     finally:
-        engine.policy.set_threads(loaded)
+        if switch:
+            engine.policy.set_threads(loaded)
+    if trips:
+        timing.http_s, timing.server_s = trips.seconds - before[0], trips.server_seconds - before[1]
     return timing
 
 
@@ -108,18 +127,25 @@ class Row:
     reward_ms_per_token: float
     ms_per_token_at: dict[int, float | None]
     models: dict[str, tuple[float | None, float]] = field(default_factory=dict)  # name: (mean reward, calls/token)
+    remote_of: str | None = None  # remote rows: the in-process row they repeat
+    http_ms_per_token: float | None = None  # remote rows: HTTP round trips to the policy server
+    server_ms_per_token: float | None = None  # remote rows: of those, the server's own compute
 
 
-def bench(engine: Engine, prompt: str, variant_list: list[Variant], n: int, repeats: int, progress=None) -> list[Row]:
-    """Medians over ``repeats`` alternating rounds of every variant."""
-    tokens = engine.encode(prompt)
+def bench(engine: Engine, prompt: str, variant_list: list[Variant], n: int, repeats: int, progress=None,
+          remote: Engine | None = None) -> list[Row]:
+    """Medians over ``repeats`` alternating rounds of every variant; the ``remote`` ones run
+    on ``remote`` (the same reward model, the policy on a server)."""
+    engines = {False: engine, True: remote}
+    tokens = {flag: e.encode(prompt) for flag, e in engines.items() if e is not None}
     runs: dict[str, list[Timing]] = {v.name: [] for v in variant_list}
-    time_run(engine, tokens, prompt, variant_list[0], 8)  # warm-up: caches, allocations
+    for v in {v.remote: v for v in reversed(variant_list)}.values():  # warm-up (each engine's first variant)
+        time_run(engines[v.remote], tokens[v.remote], prompt, v, 8)
     for r in range(repeats):
         for v in variant_list:
             if progress:
                 progress(f"round {r + 1}/{repeats}: {v.name}")
-            runs[v.name].append(time_run(engine, tokens, prompt, v, n))
+            runs[v.name].append(time_run(engines[v.remote], tokens[v.remote], prompt, v, n))
     rows = []
     base = None
     for v in variant_list:
@@ -139,6 +165,9 @@ def bench(engine: Engine, prompt: str, variant_list: list[Variant], n: int, repe
             models={m.name: (_median_or_none([t.result.models[j].mean_reward for t in timings]),
                              statistics.median(t.result.models[j].cost.calls / t.result.tokens for t in timings))
                     for j, m in enumerate(timings[0].result.models)},
+            remote_of=v.remote_of,
+            http_ms_per_token=statistics.median(1000 * t.http_s / t.result.tokens for t in timings) if v.remote else None,
+            server_ms_per_token=statistics.median(1000 * t.server_s / t.result.tokens for t in timings) if v.remote else None,
         ))
     return rows
 
@@ -191,6 +220,26 @@ def growth(rows: list[Row]) -> list[str]:
     if full and cached:
         lines.append(f"{cached.name} is {full[0].ms_per_token_at[last] / cached.ms_per_token_at[last]:.1f}x faster per token than full re-scoring @{last}")
     return lines
+
+
+def remote_note(rows: list[Row]) -> list[str]:
+    """Remote rows against the in-process rows they repeat, and where a remote token's time goes."""
+    by_name = {r.name: r for r in rows}
+    out = []
+    for r in rows:
+        if r.remote_of is None or r.http_ms_per_token is None:
+            continue
+        local = by_name.get(r.remote_of)
+        if local:
+            out.append(f"{r.name} keeps {r.tokens_per_s / local.tokens_per_s:.2f}x of in-process {local.name} throughput")
+        ms = 1000 / r.tokens_per_s
+        server = r.server_ms_per_token or 0.0
+        out.append(
+            f"{r.name}, per token: {ms:.1f} ms = {r.http_ms_per_token:.1f} ms HTTP round trip to the policy server "
+            f"({server:.1f} ms computing there, {r.http_ms_per_token - server:.1f} ms transport, JSON and waiting) "
+            f"+ {r.reward_ms_per_token:.1f} ms reward model + {ms - r.http_ms_per_token - r.reward_ms_per_token:.1f} ms the rest"
+        )
+    return out
 
 
 def table(rows: list[Row]) -> str:

@@ -129,6 +129,10 @@ def model_options(f: Callable) -> Callable:
         click.option("-t", "--threads", type=int, envvar=ENV_VARS["threads"], show_envvar=True, help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
         click.option("-ngl", "--gpu-layers", type=int, default=0, show_default=True, help="policy layers to offload to the GPU (-1: all); also puts the reward model on CUDA when available"),
         click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's and onnxruntime's logs and timings on stderr"),
+        click.option("--policy-url", metavar="URL", help="run the policy on this server instead (llama.cpp's llama-server, vLLM), e.g. http://127.0.0.1:8080; -m then names its GGUF, read only for the tokenizer"),
+        click.option("--policy-api", type=click.Choice(["auto", "native", "openai"]), default="auto", show_default=True, help="with --policy-url: llama.cpp's /completion, or the OpenAI-compatible /v1/completions"),
+        click.option("--policy-api-key", metavar="KEY", envvar=ENV_VARS["policy_api_key"], show_envvar=True, help="with --policy-url: the server's API key"),
+        click.option("--policy-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True, help="with --policy-url: seconds to wait for an answer"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -141,7 +145,8 @@ def models_from(opts: dict[str, Any]):
 
     logging.basicConfig(level=logging.WARNING, format="args-local: %(message)s", stream=sys.stderr)
     specs = tuple(RewardSpec.parse(text) for text in opts.pop("rewards"))
-    return ModelOptions(rewards=specs, **{k: opts.pop(k) for k in ("model", "ctx_size", "threads", "gpu_layers", "verbose")})
+    names = ("model", "ctx_size", "threads", "gpu_layers", "verbose", "policy_url", "policy_api", "policy_api_key", "policy_timeout")
+    return ModelOptions(rewards=specs, **{k: opts.pop(k) for k in names})
 
 
 @click.group(cls=Group)
@@ -219,29 +224,37 @@ def generate(prompt: str | None, as_json: bool, batch: Path | None, output: Path
 def bench(top_k: int, weight: float | None, max_tokens: int, repeats: int, full: bool, prompt: str, **opts: Any) -> None:
     """Time greedy decoding and ARGS on the same policy, in alternation; print a Markdown table.
 
-    The ARGS rows decode with generate's defaults for the repetition flags, or the flags given."""
+    The ARGS rows decode with generate's defaults for the repetition flags, or the flags given;
+    with --policy-url, greedy and ARGS-greedy also run with the policy on that server."""
+    import dataclasses
+
     from . import bench as b
     from .runtime.cpus import physical_cores
-    from .runtime.load import load_engine
+    from .runtime.engine import Engine
+    from .runtime.load import load_engine, load_policy
     from .runtime.memory import peak_rss_mb
 
     knobs = settings_from(opts, GENERATE)
     models = models_from(opts)
-    engine = load_engine(models)
+    engine = load_engine(dataclasses.replace(models, policy_url=None))  # in process: the reference
+    remote = None
+    if models.policy_url:  # -m is then the served GGUF: its vocabulary is loaded here already
+        remote = Engine(load_policy(models, vocab=engine.policy if models.model else None), guides=engine.guides)
     settings = engine.resolve(knobs.update(top_k=top_k, weight=weight, max_tokens=max_tokens, ignore_eos=True))
     threads = engine.policy.threads
     rows = b.bench(
-        engine, prompt, b.variants(settings, full, threads), max_tokens, repeats,
-        progress=lambda msg: click.echo(f"args-local: {msg}", err=True),
+        engine, prompt, b.variants(settings, full, threads, remote is not None), max_tokens, repeats,
+        progress=lambda msg: click.echo(f"args-local: {msg}", err=True), remote=remote,
     )
     guides = ", ".join(f"{name} w = {w:g}" for name, w in zip(engine.labels(), engine.weights(settings)))
-    click.echo(f"policy {engine.policy.path.name} on {threads} thread{'s' if threads > 1 else ''} ({physical_cores()} "
+    served = f" (remote: {models.policy_url})" if remote else ""
+    click.echo(f"policy {engine.policy.path.name}{served} on {threads} thread{'s' if threads > 1 else ''} ({physical_cores()} "
                f"physical cores usable here), reward {guides}, {max_tokens} tokens, median of {repeats} runs\n")
     click.echo(b.table(rows))
     breakdown = b.per_model(rows)
     if breakdown:
         click.echo("\n" + "\n".join(breakdown))
-    ratios = b.growth(rows)
+    ratios = b.growth(rows) + b.remote_note(rows)
     if ratios:
         click.echo("\n" + "\n".join(ratios))
     click.echo(f"\npeak memory of this benchmark process: {peak_rss_mb():.0f} MB")
@@ -288,6 +301,8 @@ def serve(host: str, port: int, parallel: int, queue: int, api_key: str | None, 
 
     settings = settings_from(opts, GENERATE)
     models = models_from(opts)
+    if models.policy_url:  # its batching runs llama.cpp's context in this process
+        raise click.UsageError("serve does not take --policy-url yet: it decodes its requests together in process")
     try:
         run(models, settings, ServeOptions(host, port, parallel, queue, api_key or None),
             announce=lambda msg: click.echo(f"args-local: {msg}", err=True))

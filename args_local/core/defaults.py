@@ -20,4 +20,5 @@ CHAT = GENERATE.update(max_tokens=512)  # a conversation's replies may run longe
 
 # Environment variables for the model options users set once: the CLI's -m, -r and -t, and
 # the llm plugin's models, read them.
-ENV_VARS = {"model": "ARGS_LOCAL_MODEL", "reward_model": "ARGS_LOCAL_REWARD_MODEL", "threads": "ARGS_LOCAL_THREADS"}
+ENV_VARS = {"model": "ARGS_LOCAL_MODEL", "reward_model": "ARGS_LOCAL_REWARD_MODEL", "threads": "ARGS_LOCAL_THREADS",
+            "policy_api_key": "ARGS_LOCAL_POLICY_API_KEY"}

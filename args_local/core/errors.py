@@ -35,3 +35,8 @@ class UsageError(ArgsLocalError):
     """A command used in a way it cannot work (an output file that is the input): exit code 2."""
 
     exit_code = 2
+
+
+class ServerError(ArgsLocalError):
+    """A policy server that cannot be reached, refuses a request, or answers without what ARGS
+    needs (log-probabilities keyed by token id)."""

@@ -667,7 +667,7 @@ def command(prompts_file: Path, plan: Plan, models: Any, out_path: Path | None,
     from ..runtime.load import load_engine
     from ..runtime.models import resolve_policy
 
-    model_path = resolve_policy(models.model)
+    model_path = models.policy_url or resolve_policy(models.model)
     specs = models.reward_specs()
     reward_key = ";".join(str(spec) for spec in specs)  # one model: its path, as before
     prompts = read_prompts(prompts_file, limit)

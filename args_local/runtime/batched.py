@@ -36,6 +36,7 @@ import numpy as np
 
 from ..core.errors import ArgsLocalError, ModelError, PromptError, SettingsError
 from ..core.request import Piece, Request, Result
+from ..core.settings import Settings
 from .engine import Engine
 from .policy import N_BATCH, LlamaPolicy, check_memory
 
@@ -140,8 +141,9 @@ class SequencePolicy:
         self._logits: np.ndarray | None = None
         self._ahead: list[int] = []  # decoded on the search's behalf, before it asked
 
-    def start(self, tokens: Sequence[int], reuse_prefix: bool = False) -> None:
-        """Evaluate the prompt alone (as ``generate`` does) on an empty sequence."""
+    def start(self, tokens: Sequence[int], reuse_prefix: bool = False, settings: Settings | None = None) -> None:
+        """Evaluate the prompt alone (as ``generate`` does) on an empty sequence (``settings``
+        change nothing: every logit is at hand)."""
         if len(tokens) >= self.owner.n_ctx:
             raise PromptError(f"the prompt is {len(tokens)} tokens but the context window is {self.owner.n_ctx}")
         llama_cpp.llama_memory_seq_rm(self.owner.memory, self.seq_id, -1, -1)

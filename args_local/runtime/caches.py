@@ -39,8 +39,12 @@ def make_scorer(
     models exported with their cache (token ids straight from the policy when both share
     a vocabulary, else bridged through text), a text re-scorer for everything else."""
     if model.manifest.kv_cache:
-        shared = policy_vocab is not None and model.shares_vocab(policy_vocab())
-        if not shared:
+        texts = policy_vocab() if policy_vocab is not None else []
+        shared = bool(texts) and model.shares_vocab(texts)
+        if not texts:  # a policy server's, which cannot list it
+            log.info("the policy's vocabulary is unknown (pass -m with the served GGUF): reward model %s "
+                     "reads the response through text", model.path)
+        elif not shared:
             log.info("reward model %s does not share the policy's tokenizer: bridging through text", model.path)
         sequences = Sequences(model, token_bytes, bridge=not shared)
         return CachedScorer(model, sequences) if use_cache else CausalFullScorer(model, sequences)
@@ -95,7 +99,7 @@ class Sequences:
         seqs = [bos + e.ids for e in self.model.tokenizer.encode_batch(texts, add_special_tokens=False)]
         shared = min(len(q) for q in seqs) - 1
         for q in seqs[1:]:
-            shared = min(shared, _common_prefix(seqs[0], q))
+            shared = min(shared, common_prefix(seqs[0], q))
         return seqs[0][:shared], [q[shared:] for q in seqs]
 
     def advance(self, token: int) -> None:
@@ -122,7 +126,7 @@ class CausalFullScorer:
         self.sequences.advance(token)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     if len(a) <= len(b) and a == b[: len(a)]:  # the usual case, compared in C
         return len(a)
     n = 0
@@ -256,7 +260,7 @@ class CachedScorer:
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         prefix, tails = self.sequences.split(tokens)
-        keep = _common_prefix(self.cached, prefix)
+        keep = common_prefix(self.cached, prefix)
         if keep < len(self.cached):
             self.cached = self.cached[:keep]
             self.cache.truncate(keep)

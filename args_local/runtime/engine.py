@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from ..core.combine import WeightedSum
@@ -16,19 +17,38 @@ from ..core.search import Policy, Scorer, Step, args_search
 from ..core.settings import Settings
 from ..core.text import StopFilter, Utf8Pieces, text_problem
 from .caches import make_scorer
-from .policy import LlamaPolicy
 from .reward import RewardModel
 
 
 class StreamPolicy(Policy, Protocol):
     """What :meth:`Engine.stream` needs of a policy beyond the search's protocol:
-    :class:`LlamaPolicy`, or one sequence of the server's batched context."""
+    :class:`LlamaPolicy`, one sequence of the server's batched context, or a policy on
+    another server (:class:`~args_local.runtime.remote.RemotePolicy`)."""
 
-    def start(self, tokens: Sequence[int], reuse_prefix: bool = False) -> None: ...
+    def start(self, tokens: Sequence[int], reuse_prefix: bool = False, settings: Settings | None = None) -> None:
+        """Position the policy after ``tokens``. ``settings`` are the search's: a policy that
+        returns only the top of its distribution learns from them how many candidates it reads."""
 
     def room(self) -> int: ...
 
     def token_bytes(self, token: int) -> bytes: ...
+
+
+class PolicyModel(StreamPolicy, Protocol):
+    """Everything the engine and the front ends use of their policy."""
+
+    path: Path | str
+    n_vocab: int
+    n_ctx: int
+    evaluated: int  # tokens the model ran (or was sent to run): shows cache reuse
+
+    def vocab_texts(self) -> list[str]: ...
+
+    def tokenize(self, text: str, special: bool, bos: bool = True) -> list[int]: ...
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str: ...
+
+    def encode_chat(self, messages: Sequence[dict[str, str]], skip_chars: int = 0) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +65,7 @@ class Engine:
     rewards add up). Requests run one after another; the policy's KV cache carries over
     between them only where that changes no result (see :meth:`LlamaPolicy.start`)."""
 
-    def __init__(self, policy: LlamaPolicy, reward: RewardModel | None = None, guides: Sequence[Guide] | None = None) -> None:
+    def __init__(self, policy: PolicyModel, reward: RewardModel | None = None, guides: Sequence[Guide] | None = None) -> None:
         self.policy = policy
         self.guides: list[Guide] = list(guides) if guides is not None else ([Guide(reward)] if reward else [])
         self._vocab: list[str] | None = None
@@ -149,7 +169,7 @@ class Engine:
         start = time.perf_counter()
         policy = policy or self.policy
         settings = self.resolve(request.settings)
-        policy.start(request.tokens, reuse_prefix=continues)
+        policy.start(request.tokens, reuse_prefix=continues, settings=settings)
         result.prompt_tokens = len(request.tokens)
         scorer, weight, active = self.scorer(request.prompt, settings)
         result.models = [ModelReward(label, w) for label, w in zip(self.labels(), self.weights(settings))]

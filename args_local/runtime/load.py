@@ -59,6 +59,12 @@ class ModelOptions:
     threads: int | None = None
     gpu_layers: int = 0
     verbose: bool = False
+    # The policy on a server instead of in this process (``model`` then only names its GGUF,
+    # read for the tokenizer and chat template; without it the server's own are used).
+    policy_url: str | None = None
+    policy_api: str = "auto"
+    policy_api_key: str | None = None
+    policy_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if self.ctx_size < MIN_CTX:
@@ -69,6 +75,13 @@ class ModelOptions:
             raise SettingsError(f"gpu_layers must be -1 (all) or at least 0, not {self.gpu_layers}")
         if self.reward_model is not None and self.rewards:
             raise SettingsError("give the reward model either as reward_model or as rewards, not both")
+        if self.policy_url is not None:
+            from .remote import check_api, check_url
+
+            check_url(self.policy_url)
+            check_api(self.policy_api)
+            if not self.policy_timeout > 0:
+                raise SettingsError(f"policy_timeout must be more than 0 seconds, not {self.policy_timeout}", "policy_timeout")
 
     def reward_specs(self) -> tuple[RewardSpec, ...]:
         """The reward models to load: those asked for, else the shipped default."""
@@ -79,22 +92,40 @@ class ModelOptions:
         return (RewardSpec(self.reward_model or default_reward()),)
 
 
-def load_engine(options: ModelOptions, with_reward: bool = True) -> Engine:
-    """The policy and reward model named by ``options`` (the embedded defaults otherwise),
-    with llama.cpp's and onnxruntime's logs kept off the terminal unless ``verbose``."""
+def load_policy(options: ModelOptions, vocab=None):
+    """The policy named by ``options``: a GGUF run here, or a server's (``policy_url``), whose
+    tokenizer is ``vocab``, else that of the GGUF ``model`` names, else the server's own."""
     from . import policy as policy_mod
-    from .models import resolve_policy, resolve_reward
-    from .reward import RewardModel, quiet_onnxruntime
+    from .models import resolve_policy
 
-    policy_mod.set_verbose(options.verbose)
-    quiet_onnxruntime(not options.verbose)
-    logging.getLogger("args_local").setLevel(logging.INFO if options.verbose else logging.WARNING)
-    policy = policy_mod.LlamaPolicy(
+    if options.policy_url:
+        from .remote import RemotePolicy
+
+        if vocab is None and options.model is not None:
+            vocab = policy_mod.LlamaVocab.open(resolve_policy(options.model))
+        return RemotePolicy(options.policy_url, options.policy_api, options.policy_api_key, vocab,
+                            options.policy_timeout, options.ctx_size)
+    return policy_mod.LlamaPolicy(
         resolve_policy(options.model),
         n_ctx=options.ctx_size,
         n_threads=options.threads,
         n_gpu_layers=options.gpu_layers,
     )
+
+
+def load_engine(options: ModelOptions, with_reward: bool = True) -> Engine:
+    """The policy and reward model named by ``options`` (the embedded defaults otherwise),
+    with llama.cpp's and onnxruntime's logs kept off the terminal unless ``verbose``."""
+    from . import policy as policy_mod
+    from .models import resolve_reward
+    from .reward import RewardModel, quiet_onnxruntime
+
+    policy_mod.set_verbose(options.verbose)
+    quiet_onnxruntime(not options.verbose)
+    logging.getLogger("args_local").setLevel(logging.INFO if options.verbose else logging.WARNING)
+    # urllib3 logs each retry of a policy server; the final failure is our one sentence.
+    logging.getLogger("urllib3").setLevel(logging.WARNING if options.verbose else logging.ERROR)
+    policy = load_policy(options)
     guides = []
     if with_reward:
         guides = [Guide(RewardModel(resolve_reward(spec.path), threads=options.threads, gpu=options.gpu_layers != 0), spec.weight)

@@ -10,7 +10,6 @@ import collections
 import contextlib
 import ctypes
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,10 +25,11 @@ import numpy as np  # noqa: E402
 
 from ..core.errors import ModelError, PromptError, SettingsError  # noqa: E402
 from ..core.gguf import kv_cache_bytes, read_gguf  # noqa: E402
-from ..core.text import text_problem  # noqa: E402
+from ..core.settings import Settings  # noqa: E402
 from .cpus import physical_cores  # noqa: E402
 from .memory import available_bytes  # noqa: E402
 from .template import ChatTemplate  # noqa: E402
+from .vocab import ChatTokenizer  # noqa: E402
 
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
 N_BATCH = 512  # tokens per llama_decode: a prompt is evaluated in chunks of this size
@@ -106,95 +106,49 @@ def check_memory(path: Path, n_ctx: int) -> None:
         )
 
 
-class LlamaPolicy:
-    """A GGUF model with one context whose KV cache follows the evaluated tokens.
+def _load(path: Path, **params) -> llama_cpp.Llama:
+    """llama.cpp's model, or one sentence saying why it could not be loaded."""
+    check_gguf(path)
+    _LOG_TAIL.clear()
+    try:
+        with _chat_templates_left_alone():
+            return llama_cpp.Llama(model_path=str(path), verbose=False, **params)
+    except (ValueError, RuntimeError) as e:
+        lines = "".join(_LOG_TAIL).strip().splitlines()
+        errors = [line.split("error loading model:", 1)[-1].strip() for line in lines if "error" in line.lower()]
+        why = errors[0] if errors else (lines[-1] if lines else str(e))
+        raise ModelError(
+            f"llama.cpp could not load {path}: {why} "
+            "(the file may be truncated, or need a newer llama-cpp-python)"
+        ) from None
 
-    ``start`` reuses the cached prefix that a new prompt shares with what was
-    evaluated before, so a chat's second turn evaluates only the new tokens.
-    """
 
-    def __init__(
-        self,
-        path: Path,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        n_gpu_layers: int = 0,
-        seed: int | None = None,
-    ) -> None:
-        check_gguf(path)
-        if n_gpu_layers == 0:
-            check_memory(path, n_ctx)
-        threads = n_threads or physical_cores()  # one per physical core: see cpus.py
-        _LOG_TAIL.clear()
-        try:
-            with _chat_templates_left_alone():
-                self.llm = llama_cpp.Llama(
-                    model_path=str(path),
-                    n_ctx=n_ctx,
-                    n_batch=min(N_BATCH, n_ctx),
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    n_gpu_layers=n_gpu_layers,
-                    seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
-                    logits_all=False,
-                    verbose=False,
-                )
-        except (ValueError, RuntimeError) as e:
-            lines = "".join(_LOG_TAIL).strip().splitlines()
-            errors = [line.split("error loading model:", 1)[-1].strip() for line in lines if "error" in line.lower()]
-            why = errors[0] if errors else (lines[-1] if lines else str(e))
-            raise ModelError(
-                f"llama.cpp could not load {path}: {why} "
-                "(the file may be truncated, or need a newer llama-cpp-python)"
-            ) from None
+class LlamaVocab(ChatTokenizer):
+    """A GGUF model's tokenizer and chat template. On its own (:meth:`open`) it reads only the
+    vocabulary, not the weights: what a policy served elsewhere needs here."""
+
+    def __init__(self, path: Path, **params) -> None:
+        self.llm = _load(path, **params)
         self.path = path
-        self.threads = threads
         self.vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
-        # llama.cpp rounds the context up (to 256 tokens); llama-cpp-python's own buffers keep the size asked for.
-        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
-        self.evaluated = 0  # tokens run through the model since load: shows cache reuse
-        self._logits: np.ndarray | None = None
-        self._prompt_end: tuple[int, np.ndarray] | None = None  # (length, logits) of the last whole prompt
+        bos = self.llm.token_bos()
+        self.bos_id = bos if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos >= 0 else None
         self._piece_buf = ctypes.create_string_buffer(64)
         self._template: ChatTemplate | None = None
 
-    # -- prompts ----------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path) -> "LlamaVocab":
+        return cls(path, vocab_only=True)
 
     @property
     def chat_template(self) -> str | None:
         return self.llm.metadata.get("tokenizer.chat_template")
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """The conversation in the model's own chat template, ready for the assistant's turn."""
-        return "".join(text for text, _ in self.chat_segments(messages))
-
-    def chat_segments(self, messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
-        """The rendered conversation as ``(text, is_template)`` runs. The template's own text may
-        hold control tokens (``<|im_start|>``); the messages' contents are the user's and are
-        tokenized as plain text, so typing ``<|im_end|>`` cannot forge a turn. Each content is
-        rendered as a placeholder first and put back after rendering."""
-        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-        stand_ins = [{**m, "content": mark} for m, mark in zip(messages, marks)]
-        rendered = self._render(stand_ins)
-        by_mark = {mark: m["content"] for mark, m in zip(marks, messages)}
-        segments: list[tuple[str, bool]] = []
-        for i, part in enumerate(re.split("(\ue000\\d+\ue001)", rendered)):
-            if part:
-                segments.append((by_mark[part], False) if i % 2 else (part, True))
-        return segments
-
-    def encode_chat(self, messages: Sequence[dict[str, str]], skip_chars: int = 0) -> list[int]:
-        """Token ids of the conversation in the chat template (see :meth:`chat_segments`), from
-        character ``skip_chars`` of its rendering on (a chat's new turn after its history)."""
-        whole, ids = skip_chars == 0, []
-        for text, special in self.chat_segments(messages):
-            if skip_chars >= len(text):
-                skip_chars -= len(text)
-                continue
-            ids += self.llm.tokenize(_utf8(text[skip_chars:]), add_bos=False, special=special)
-            skip_chars = 0
-        return self._with_bos(ids) if whole else ids
+    @property
+    def eos_id(self) -> int | None:
+        eos = self.llm.token_eos()
+        return eos if eos >= 0 else None
 
     def _render(self, messages: Sequence[dict[str, str]]) -> str:
         """The model's own chat template, rendered within bounds (see :mod:`.template`)."""
@@ -209,19 +163,8 @@ class LlamaPolicy:
             self._template = ChatTemplate(template, self.path.name, eos_token=eos, bos_token=bos)  # compiled once
         return self._template.render(messages)
 
-    def tokenize(self, text: str, special: bool, bos: bool = True) -> list[int]:
-        """Token ids of ``text``, with the BOS token where the model asks for one (and ``bos``:
-        a response's tokens, which continue a prompt, have none)."""
-        ids = self.llm.tokenize(_utf8(text), add_bos=False, special=special)
-        return self._with_bos(ids) if bos else ids
-
-    def _with_bos(self, ids: list[int]) -> list[int]:
-        """The BOS token is added only where the model asks for it and the ids do not already
-        start with it (chat templates often write it)."""
-        bos = self.llm.token_bos()
-        if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos >= 0 and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-        return ids
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     def token_text(self, token: int) -> str:
         return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
@@ -241,10 +184,50 @@ class LlamaPolicy:
             for i in range(self.n_vocab)
         ]
 
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+
+class LlamaPolicy(LlamaVocab):
+    """A GGUF model with one context whose KV cache follows the evaluated tokens.
+
+    ``start`` reuses the cached prefix that a new prompt shares with what was
+    evaluated before, so a chat's second turn evaluates only the new tokens.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int | None = None,
+    ) -> None:
+        check_gguf(path)
+        if n_gpu_layers == 0:
+            check_memory(path, n_ctx)
+        threads = n_threads or physical_cores()  # one per physical core: see cpus.py
+        super().__init__(
+            path,
+            n_ctx=n_ctx,
+            n_batch=min(N_BATCH, n_ctx),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=n_gpu_layers,
+            seed=seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED,
+            logits_all=False,
+        )
+        self.threads = threads
+        # llama.cpp rounds the context up (to 256 tokens); llama-cpp-python's own buffers keep the size asked for.
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
+        self.evaluated = 0  # tokens run through the model since load: shows cache reuse
+        self._logits: np.ndarray | None = None
+        self._prompt_end: tuple[int, np.ndarray] | None = None  # (length, logits) of the last whole prompt
+
     # -- decoding (the search's Policy protocol) ------------------------------
 
-    def start(self, tokens: Sequence[int], reuse_prefix: bool = False) -> None:
-        """Position the model after ``tokens``.
+    def start(self, tokens: Sequence[int], reuse_prefix: bool = False, settings: Settings | None = None) -> None:
+        """Position the model after ``tokens`` (``settings`` change nothing here: every logit is at hand).
 
         llama.cpp's logits depend on the shape of the batch that computed them, so a prompt
         re-evaluated in part gives slightly different numbers than the same prompt evaluated
@@ -298,9 +281,6 @@ class LlamaPolicy:
     def advance(self, token: int) -> None:
         self._eval([token])
 
-    def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
-
     def _eval(self, tokens: Sequence[int]) -> None:
         self.llm.eval(list(tokens))
         self.evaluated += len(tokens)
@@ -310,14 +290,6 @@ class LlamaPolicy:
 
     def close(self) -> None:
         self.llm.close()
-
-
-def _utf8(text: str) -> bytes:
-    """``text`` as UTF-8 for llama.cpp, or a sentence saying why it is not text."""
-    problem = text_problem(text)
-    if problem:
-        raise PromptError(f"a message {problem}")
-    return text.encode("utf-8")
 
 
 def _fit_ctx(n_tokens: int) -> int:
