@@ -289,8 +289,9 @@ def chat(**opts: Any) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="port to listen on (0: any free one)")
 @click.option("-np", "--parallel", type=click.IntRange(1, 256), default=4, show_default=True, help="requests decoded together; each holds -c tokens of llama.cpp's KV cache")
 @click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True, help="requests that may wait for a free sequence; more get 429")
+@click.option("--lanes", type=click.IntRange(1, 256), help="llama.cpp contexts decoding side by side, each on its own thread, sharing the --parallel sequences [default: one per llama.cpp thread (-t) on the CPU, 1 with -ngl]")
 @click.option("--api-key", envvar="ARGS_LOCAL_API_KEY", help="require 'Authorization: Bearer KEY' [env: ARGS_LOCAL_API_KEY]")
-def serve(host: str, port: int, parallel: int, queue: int, api_key: str | None, **opts: Any) -> None:
+def serve(host: str, port: int, parallel: int, queue: int, lanes: int | None, api_key: str | None, **opts: Any) -> None:
     """Serve the OpenAI API (chat and completions, streamed or not) with ARGS decoding.
 
     The flags set the defaults of every request; a request's own fields override them
@@ -304,7 +305,7 @@ def serve(host: str, port: int, parallel: int, queue: int, api_key: str | None, 
     if models.policy_url:  # its batching runs llama.cpp's context in this process
         raise click.UsageError("serve does not take --policy-url yet: it decodes its requests together in process")
     try:
-        run(models, settings, ServeOptions(host, port, parallel, queue, api_key or None),
+        run(models, settings, ServeOptions(host, port, parallel, queue, api_key or None, lanes),
             announce=lambda msg: click.echo(f"args-local: {msg}", err=True))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: uvicorn has closed the connections
         click.echo("args-local: server stopped", err=True)

@@ -18,6 +18,7 @@ Usage::
 
     python scripts/serve_load.py --clients 4 --rounds 7 --max-tokens 48   # Linux (reads /proc)
     python scripts/serve_load.py --extra '{"reward_weight": 0, "top_k": 1}'   # the policy alone
+    python scripts/serve_load.py --lanes 1   # one batch for all requests
 """
 
 from __future__ import annotations
@@ -124,13 +125,15 @@ def main() -> None:
     ap.add_argument("--extra", default="{}", help="JSON fields added to every request (reward_weight, top_k...)")
     ap.add_argument("--ctx-size", default="512", help="-c of the server: tokens per request")
     ap.add_argument("--threads", help="-t of the server and of generate [default: theirs]")
+    ap.add_argument("--lanes", help="--lanes of the server [default: its own]")
     args = ap.parse_args()
     models = ["-c", args.ctx_size, *(["-t", args.threads] if args.threads else [])]
     extra = json.loads(args.extra)
     prompts = [line.strip() for line in PROMPTS.read_text().splitlines() if line.strip()]
     together, alone, cli = Timings(), Timings(), []
     began = time.monotonic()
-    with ServerProcess([*models, "--parallel", str(args.clients), "--queue", str(args.clients)]) as server:
+    lanes = ["--lanes", args.lanes] if args.lanes else []
+    with ServerProcess([*models, *lanes, "--parallel", str(args.clients), "--queue", str(args.clients)]) as server:
         model = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0).models.list().data[0].id
         asyncio.run(send(server, model, prompts[:1], False, 8, extra, Timings()))  # warm up
         rounds = 0

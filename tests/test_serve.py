@@ -26,8 +26,8 @@ GREEDY = {"temperature": 0, "extra_body": {"reward_weight": 0, "top_k": 1}}
 
 @pytest.fixture(scope="module")
 def server():
-    """One server for most tests: 4 in parallel, 256 tokens of context each, an API key."""
-    with ServerProcess(["-c", str(CTX), "--parallel", "4", "--queue", "16"], env={"ARGS_LOCAL_API_KEY": KEY}) as s:
+    """One server for most tests: 4 in parallel in 2 lanes, 256 tokens of context each, an API key."""
+    with ServerProcess(["-c", str(CTX), "--parallel", "4", "--lanes", "2", "--queue", "16"], env={"ARGS_LOCAL_API_KEY": KEY}) as s:
         yield s
 
 
@@ -101,6 +101,17 @@ def test_greedy_text_is_the_same_alone_and_beside_other_requests(client, model):
         rest = [pool.submit(chat, client, model, p, max_tokens=48, extra_body={"ignore_eos": True}) for p in others]
         assert all(f.result().usage.completion_tokens == 48 for f in rest)
         assert mine.result().choices[0].message.content == alone
+
+
+def test_requests_spread_over_the_lanes(client, model, server):
+    """Four requests at once go two to each lane (each lane decodes on its own thread)."""
+    assert health(server)["lanes"] == [0, 0]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(chat, client, model, max_tokens=64, extra_body={"ignore_eos": True}) for _ in range(4)]
+        state = wait_for(server, active=4)
+        assert state["lanes"] == [2, 2], state
+        assert all(f.result().usage.completion_tokens == 64 for f in futures)
+    assert health(server)["lanes"] == [0, 0]
 
 
 def test_streamed_chat_joins_to_the_whole_reply_and_ends_with_usage(client, model):

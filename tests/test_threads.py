@@ -46,3 +46,45 @@ def test_without_topology_files_llama_cpp_s_guess(tmp_path):
 
 def test_the_real_machine_within_its_cpus():
     assert 1 <= physical_cores() <= len(usable_cpus())
+
+
+@pytest.mark.parametrize("parallel, lanes, threads, gpu, sizes", [
+    (4, None, 2, False, [2, 2]),  # one lane per llama.cpp thread
+    (5, None, 2, False, [3, 2]),
+    (1, None, 2, False, [1]),  # never more lanes than sequences
+    (4, None, 2, True, [4]),  # a GPU batches for free: one lane
+    (4, 3, 1, False, [2, 1, 1]),  # --lanes wins
+])
+def test_the_server_s_sequences_split_over_its_lanes(parallel, lanes, threads, gpu, sizes):
+    from args_local.serve import ServeOptions
+
+    assert ServeOptions(parallel=parallel, lanes=lanes).lane_sizes(threads, gpu) == sizes
+
+
+@pytest.mark.slow
+def test_each_thread_is_charged_its_own_reward_calls(reward):
+    """The server's lanes score on their own threads with one session: a request's cost
+    (RewardStats.since) must count its own thread's calls, not the other lane's."""
+    import threading
+
+    import numpy as np
+
+    counts = {"a": 7, "b": 3}
+    seen: dict[str, tuple[int, int, int]] = {}
+    start = threading.Barrier(2)
+
+    def work(name: str) -> None:
+        before = reward.stats.copy()
+        start.wait()
+        for i in range(counts[name]):
+            reward.score_ids([[1, 2, 3 + i]])
+        cost = reward.stats.since(before)
+        seen[name] = (cost.calls, cost.candidates, len(reward.last_raw))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in counts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"a": (7, 7, 1), "b": (3, 3, 1)}
+    assert np.isfinite(reward.last_raw).all()

@@ -41,6 +41,16 @@ from .engine import Engine
 from .policy import N_BATCH, LlamaPolicy, check_memory
 
 
+def check_room(policy: LlamaPolicy, parallel: int, n_ctx: int) -> None:
+    """Refuse, before allocating, KV caches for ``parallel`` sequences of ``n_ctx`` tokens that
+    would not fit in memory."""
+    try:
+        check_memory(policy.path, n_ctx * parallel)
+    except SettingsError as e:
+        raise SettingsError(f"{e} (the server holds -c {n_ctx} for each of {parallel} parallel requests; "
+                            "or lower --parallel)", e.setting) from None
+
+
 class BatchedPolicy:
     """One llama.cpp context on ``policy``'s model holding up to ``parallel`` sequences of
     ``n_ctx`` tokens each, with the same threads and batch sizes as ``policy``'s own."""
@@ -48,11 +58,7 @@ class BatchedPolicy:
     def __init__(self, policy: LlamaPolicy, parallel: int, n_ctx: int) -> None:
         self.policy = policy
         self.parallel = parallel
-        try:
-            check_memory(policy.path, n_ctx * parallel)
-        except SettingsError as e:
-            raise SettingsError(f"{e} (the server holds -c {n_ctx} for each of {parallel} parallel requests; "
-                                "or lower --parallel)", e.setting) from None
+        check_room(policy, parallel, n_ctx)
         params = type(policy.llm.context_params).from_buffer_copy(policy.llm.context_params)
         params.n_seq_max = parallel
         params.n_ctx = n_ctx * parallel
@@ -72,6 +78,14 @@ class BatchedPolicy:
         self.n_vocab = policy.n_vocab
         self._batch = llama_cpp.llama_batch_init(max(self.n_batch, parallel), 0, 1)
         self._free = list(range(parallel - 1, -1, -1))  # seq ids; pop() hands out 0 first
+        self.threads = policy.threads
+
+    def set_threads(self, threads: int) -> None:
+        """Decode with ``threads`` threads from the next decode on (the server's lanes share
+        the cores)."""
+        if threads != self.threads:
+            llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
+            self.threads = threads
 
     def sequence(self) -> "SequencePolicy":
         """A policy on a free sequence of this context (see :attr:`free`)."""

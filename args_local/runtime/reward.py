@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -112,6 +113,16 @@ def resolve_folder(path: Path) -> tuple[Path, Path]:
     return onnx_file, folder
 
 
+class _PerThread(threading.local):
+    """What a reward model remembers of its last calls, kept per thread: the server's lanes
+    score on threads of their own with one session (onnxruntime runs calls side by side), and
+    each request must be charged its own calls only."""
+
+    def __init__(self) -> None:
+        self.stats = RewardStats()
+        self.last_raw = np.zeros(0)  # the last rewards before the activation (args-local score --json)
+
+
 class RewardModel:
     """An ONNX reward model with its manifest and tokenizer, checked when it loads."""
 
@@ -142,8 +153,7 @@ class RewardModel:
         # What the model returns for each past input: the whole longer past, or only the new part.
         returned = returned_prefix(self.manifest.kv_cache or "per-row")
         self.present_names = [n.replace(PAST_PREFIX, returned, 1) for n in self.past_names]
-        self.stats = RewardStats()
-        self.last_raw = np.zeros(0)  # the last rewards before the activation (args-local score --json)
+        self._mine = _PerThread()
         self._vocab_check: tuple[list[str], bool] | None = None
         self._check_io()
         self._smoke_test()
@@ -238,7 +248,17 @@ class RewardModel:
                 f"reward model {self.path} failed on a test input ({first}); its tokenizer.json or "
                 "manifest does not fit the model"
             ) from None
-        self.stats = RewardStats()
+        self._mine.stats = RewardStats()
+
+    @property
+    def stats(self) -> RewardStats:
+        """This thread's session runs, candidates and seconds (they only grow)."""
+        return self._mine.stats
+
+    @property
+    def last_raw(self) -> np.ndarray:
+        """This thread's last rewards before the activation."""
+        return self._mine.last_raw
 
     # -- scoring ----------------------------------------------------------------
 
@@ -265,7 +285,7 @@ class RewardModel:
                 f"reward model {self.path}: output {self.output!r} has {values.shape[1]} values per "
                 f"text; manifest index {self.manifest.index} is out of range"
             )
-        self.last_raw = values[:, self.manifest.index]
+        self._mine.last_raw = values[:, self.manifest.index]
         return activate(values, self.manifest.activation)[:, self.manifest.index]
 
     def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:

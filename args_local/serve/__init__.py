@@ -24,6 +24,14 @@ class ServeOptions:
     parallel: int = 4
     queue: int = 16
     api_key: str | None = None
+    lanes: int | None = None  # None: one per llama.cpp thread on the CPU, one on a GPU
+
+    def lane_sizes(self, threads: int, gpu: bool) -> list[int]:
+        """How many of the ``parallel`` sequences each lane holds. On a CPU a decode of a
+        small model costs about the same per row batched or not, so lanes of their own
+        threads use the cores better than one batch; a GPU batches for free."""
+        lanes = min(self.parallel, self.lanes or (1 if gpu else threads))
+        return [self.parallel // lanes + (i < self.parallel % lanes) for i in range(lanes)]
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -42,18 +50,28 @@ def serve(models: ModelOptions, defaults: Settings, options: ServeOptions, annou
         import uvicorn
     except ImportError:
         raise ArgsLocalError("the server needs the server extra: pip install 'args-local[server]'") from None
-    from ..runtime.batched import Batch
+    from ..runtime.batched import Batch, check_room
     from ..runtime.load import MIN_CTX, load_engine
     from .app import Api
     from .scheduler import Scheduler
 
     # The engine's own llama.cpp context only tokenizes here: keep it small. The requests'
-    # sequences live in the batch's context, -c tokens each.
+    # sequences live in the lanes' contexts, -c tokens each.
     engine = load_engine(dataclasses.replace(models, ctx_size=MIN_CTX))
-    batch = Batch(engine, options.parallel, models.ctx_size)
-    scheduler = Scheduler(batch, options.queue)
+    threads = engine.policy.threads
+    check_room(engine.policy, options.parallel, models.ctx_size)  # all lanes together
+    batches: list[Batch] = []
+    try:
+        for size in options.lane_sizes(threads, gpu=models.gpu_layers != 0):
+            batches.append(Batch(engine, size, models.ctx_size))
+    except BaseException:
+        for batch in batches:
+            batch.close()
+        raise
+    scheduler = Scheduler(batches, options.queue, threads)
     model_id = engine.policy.path.stem
-    api = Api(engine, scheduler, defaults, model_id, batch.policy.n_ctx, options.api_key)
+    n_ctx = batches[0].policy.n_ctx
+    api = Api(engine, scheduler, defaults, model_id, n_ctx, options.api_key)
     sock = listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
@@ -62,12 +80,14 @@ def serve(models: ModelOptions, defaults: Settings, options: ServeOptions, annou
     )
     scheduler.start()
     url_host = f"[{host}]" if ":" in host else host
-    announce(f"serving {model_id} on http://{url_host}:{port}/v1 ({options.parallel} in parallel, "
-             f"{options.queue} queued, {batch.policy.n_ctx} tokens of context each"
+    lanes = f" in {len(batches)} lanes" if len(batches) > 1 else ""
+    announce(f"serving {model_id} on http://{url_host}:{port}/v1 ({options.parallel} in parallel{lanes}, "
+             f"{options.queue} queued, {n_ctx} tokens of context each"
              f"{', API key required' if options.api_key else ''})")
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         scheduler.stop()
-        batch.close()
+        for batch in batches:
+            batch.close()
         sock.close()

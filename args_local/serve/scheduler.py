@@ -1,10 +1,17 @@
-"""The server's decoding thread: a bounded queue in front of a :class:`Batch`.
+"""The server's decoding threads: a bounded queue in front of one or more lanes.
 
-HTTP handlers run on the event loop; llama.cpp and onnxruntime run here, on one thread that
-owns the batch. A handler :meth:`Scheduler.submit`\\ s a :class:`Job` (refused with
-:class:`Busy` when ``parallel`` are decoding and ``queue`` are waiting), then reads the job's
-events from an asyncio queue that this thread fills. A job whose client left is
-:meth:`Scheduler.cancel`\\ led: it leaves the batch at the next step boundary.
+HTTP handlers run on the event loop; llama.cpp and onnxruntime run here. A *lane* is a
+:class:`Batch` (its own llama.cpp context and sequences) and the one thread that steps it. A
+handler :meth:`Scheduler.submit`\\ s a :class:`Job` (refused with :class:`Busy` when every
+sequence is decoding and ``queue`` jobs are waiting), then reads the job's events from an
+asyncio queue that its lane's thread fills. A job whose client left is
+:meth:`Scheduler.cancel`\\ led: it leaves its batch at the next step boundary.
+
+Why lanes: on a CPU, one decode of a small model is mostly arithmetic, done row by row, so a
+batch of 4 rows costs about 4 times one row, and the threads of one decode wait for each other
+at every operation. Two lanes of one thread each, side by side on two cores, keep both cores
+busy with no waiting. Every step a lane's llama.cpp threads are the policy's threads shared by
+the lanes then busy, so one request alone decodes on all of them, as ``generate`` does.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from ..core.errors import ArgsLocalError
 from ..core.request import Request, Result
@@ -53,113 +60,141 @@ class Job:
             pass
 
 
-class Scheduler:
-    """Admits jobs into ``batch`` at step boundaries, steps it, and hands pieces back."""
+@dataclass(eq=False)
+class Lane:
+    """A batch and what the scheduler knows about it; ``active`` is touched by its thread only."""
 
-    def __init__(self, batch: Batch, queue: int) -> None:
-        self.batch = batch
-        self.parallel = batch.free
+    batch: Batch
+    thread: threading.Thread | None = None
+    active: dict[int, Job] = field(default_factory=dict)  # id(slot) -> job
+    soonest_free: int = 0  # fewest tokens any active job has left
+
+
+class Scheduler:
+    """Admits jobs into the lanes at their step boundaries, steps them, and hands pieces back."""
+
+    def __init__(self, batches: Sequence[Batch], queue: int, threads: int) -> None:
+        self.lanes = [Lane(b) for b in batches]
+        self.parallel = sum(b.free for b in batches)
         self.queue = queue
+        self.threads = threads  # llama.cpp threads shared by the busy lanes
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
-        self._active: dict[int, Job] = {}  # id(slot) -> job; this thread only
         self._in_system = 0  # waiting + active, under the lock
         self._step_s = 0.05  # running mean of a step, for Retry-After
-        self._soonest_free = 0  # fewest tokens any active job has left
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="args-local-decoder", daemon=True)
+        for i, lane in enumerate(self.lanes):
+            lane.thread = threading.Thread(target=self._run, args=(lane,), name=f"args-local-lane-{i}", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        for lane in self.lanes:
+            assert lane.thread is not None
+            lane.thread.start()
 
     def stop(self) -> None:
-        """Cancel everything and end the thread (after its current step)."""
+        """Cancel everything and end the threads (after their current steps)."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
+            self._cond.notify_all()
+        for lane in self.lanes:
+            assert lane.thread is not None
+            lane.thread.join(timeout=30)
 
     @property
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, Any]:
         with self._cond:
             waiting = len(self._waiting)
-            return {"active": self._in_system - waiting, "waiting": waiting, "parallel": self.parallel, "queue": self.queue}
+            return {"active": self._in_system - waiting, "waiting": waiting, "parallel": self.parallel, "queue": self.queue,
+                    "lanes": [len(lane.active) for lane in self.lanes]}
 
     def submit(self, job: Job) -> None:
         """Queue ``job``, or raise :class:`Busy` when ``parallel + queue`` jobs are already in."""
         with self._cond:
             if self._stopping or self._in_system >= self.parallel + self.queue:
-                wait = self._step_s * max(1, self._soonest_free)
+                wait = self._step_s * max(1, min(lane.soonest_free for lane in self.lanes))
                 raise Busy(max(1, min(60, math.ceil(wait))))
             self._in_system += 1
             self._waiting.append(job)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
         """The client left: the job ends at the next step boundary (or before it starts)."""
         job.cancelled = True
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()
 
-    # -- the decoding thread --------------------------------------------------------
+    # -- the decoding threads, one per lane ------------------------------------------
 
-    def _run(self) -> None:
-        while self._tick():
+    def _run(self, lane: Lane) -> None:
+        while self._tick(lane):
             pass
         stopping = ArgsLocalError("the server is shutting down")
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
-        for job in [*self._active.values(), *waiting]:
-            self._end(job, "error", stopping)
+        for job in [*lane.active.values(), *waiting]:
+            self._end(lane, job, "error", stopping)
 
-    def _tick(self) -> bool:
-        """One step boundary and one step; False when stopping."""
+    def _takes(self, lane: Lane) -> bool:
+        """Whether ``lane`` should take the next waiting job: the lane with the most free
+        sequences does, so that requests spread over the lanes (and so over the cores)."""
+        free = lane.batch.free
+        others = (other.batch.free for other in self.lanes if other is not lane)
+        return bool(self._waiting) and free > 0 and free >= max(others, default=0)
+
+    def _tick(self, lane: Lane) -> bool:
+        """One step boundary and one step of ``lane``; False when stopping."""
         with self._cond:
-            while not (self._stopping or self._waiting or self._active):
+            while not (self._stopping or lane.active or self._takes(lane)):
                 self._cond.wait()
             if self._stopping:
                 return False
-            joining = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.batch.free))]
-        for job in [j for j in self._active.values() if j.cancelled]:
-            self._end(job, "cancelled")
-        for job in joining:
-            if job.cancelled:
-                self._end(job, "cancelled")
-                continue
-            job.slot = self.batch.add(job.request, job.result)
-            self._active[id(job.slot)] = job
-        if not self._active:
+            unstarted = []  # cancelled while waiting
+            while self._takes(lane):  # sequences are taken under the lock: the others see it
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    unstarted.append(job)
+                    continue
+                job.slot = lane.batch.add(job.request, job.result)
+                lane.active[id(job.slot)] = job
+            if self._waiting:
+                self._cond.notify_all()  # another lane may have more room now
+        for job in [*unstarted, *(j for j in lane.active.values() if j.cancelled)]:
+            self._end(lane, job, "cancelled")
+        if not lane.active:
             return True
+        busy = sum(1 for other in self.lanes if other.active)
+        lane.batch.policy.set_threads(max(1, self.threads // busy))
         start = time.perf_counter()
-        events = self.batch.step()
+        events = lane.batch.step()
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - start)
         for event in events:
-            self._deliver(event)
-        self._soonest_free = min(
-            (j.request.settings.max_tokens - j.result.tokens for j in self._active.values()), default=0
+            self._deliver(lane, event)
+        lane.soonest_free = min(
+            (j.request.settings.max_tokens - j.result.tokens for j in lane.active.values()), default=0
         )
         return True
 
-    def _deliver(self, event: Event) -> None:
-        job = self._active.get(id(event.slot))
+    def _deliver(self, lane: Lane, event: Event) -> None:
+        job = lane.active.get(id(event.slot))
         if job is None:
             return
         if event.piece is not None and event.piece.text:
             job._put("text", event.piece.text)
         if event.done:
-            self._end(job, "done")
+            self._end(lane, job, "done")
         elif event.error is not None:
             e = event.error
             log.warning("a request failed: %s: %s", type(e).__name__, e, exc_info=None if isinstance(e, ArgsLocalError) else e)
-            self._end(job, "error", e)
+            self._end(lane, job, "error", e)
 
-    def _end(self, job: Job, how: str, error: Exception | None = None) -> None:
-        """Take ``job`` out of the batch and the count, and tell its handler how it ended."""
+    def _end(self, lane: Lane, job: Job, how: str, error: Exception | None = None) -> None:
+        """Take ``job`` out of its batch and the count, and tell its handler how it ended."""
         if job.slot is not None:
-            self._active.pop(id(job.slot), None)
-            self.batch.remove(job.slot)
+            lane.active.pop(id(job.slot), None)
+            lane.batch.remove(job.slot)
         with self._cond:
             self._in_system -= 1
+            self._cond.notify_all()  # this lane has room again
         if how == "cancelled":
             log.info("request cancelled after %d tokens (the client left)", job.result.tokens)
         job._put(how, error)
