@@ -517,8 +517,8 @@ def test_bridged_conversation_equals_pytorch_on_the_rendered_text(exported, gpt2
     response = policy.tokenize(text, special=False, bos=False)[:12]
     eog = policy.tokenize("<|im_end|>", special=True, bos=False)
     assert len(eog) == 1 and policy.token_bytes(eog[0]) == b""
-    make = lambda: Sequences(reward, policy.token_bytes, bridge=True, prompt=prompt, system=SYSTEM)  # noqa: E731
-    cached, full = CachedScorer(reward, make()), CausalFullScorer(reward, make())
+    cached, full = (kind(reward, Sequences(reward, policy.token_bytes, bridge=True, prompt=prompt, system=SYSTEM))
+                    for kind in (CachedScorer, CausalFullScorer))
     so_far, worst = b"", 0.0
     for i, token in enumerate(response):
         if i % 3 != 2:
