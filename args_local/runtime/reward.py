@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
@@ -129,6 +129,7 @@ class RewardModel:
     def __init__(self, path: Path, threads: int | None = None, gpu: bool = False) -> None:
         onnx_file, folder = resolve_folder(path)
         self._special_strings: re.Pattern[str] | None = None
+        self._template_tokenizer: Tokenizer | None = None
         self.path = path
         manifest = read_manifest(folder)
         if manifest is None:
@@ -182,13 +183,17 @@ class RewardModel:
                 f"from the manifest's); restore the original tokenizer.json or re-export the model"
             )
         try:
-            tok = Tokenizer.from_str(raw.decode("utf-8"))
+            # Two copies: user text is text (a special token's string in it stays characters, see
+            # encode()), a template's own text holds special tokens. Two objects rather than one
+            # whose setting is switched, which threads scoring side by side (serve's lanes) would race.
+            tok, self._template_tokenizer = (Tokenizer.from_str(raw.decode("utf-8")) for _ in range(2))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise ModelError(f"{file} is not a valid tokenizer.json: {str(e).splitlines()[0] if str(e) else e!r}") from None
         # A response (or a cached model's growing one) keeps its end; a whole text its beginning.
         side = "left" if self.manifest.format == "response" or self.manifest.kv_cache else "right"
-        tok.enable_truncation(self.manifest.max_length, direction=side)
-        tok.encode_special_tokens = True  # text is text: see encode()
+        for t in (tok, self._template_tokenizer):
+            t.enable_truncation(self.manifest.max_length, direction=side)
+        tok.encode_special_tokens = True
         specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content]
         self._special_strings = re.compile("|".join(map(re.escape, specials))) if specials else None
         return tok
@@ -354,24 +359,12 @@ class RewardModel:
         with its special tokens, the user's text without; whole when the user's text holds no
         special token's string, so that the result is the model's own tokenizer's. ``with_bos``:
         the tokenizer's post-processor adds what it adds to a whole text (its BOS)."""
-        tok = self.tokenizer
-        assert tok is not None
+        tok, template = self.tokenizer, self._template_tokenizer
+        assert tok is not None and template is not None
         if not (self._special_strings and any(self._special_strings.search(t) for t, own in runs if not own)):
-            return self._with_specials(lambda: tok.encode("".join(t for t, _ in runs), add_special_tokens=with_bos))
-        pieces = [
-            self._with_specials(lambda: tok.encode(t, add_special_tokens=False)) if own else tok.encode(t, add_special_tokens=False)
-            for t, own in runs
-        ]
+            return template.encode("".join(t for t, _ in runs), add_special_tokens=with_bos)
+        pieces = [(template if own else tok).encode(t, add_special_tokens=False) for t, own in runs]
         return tok.post_process(Encoding.merge(pieces), add_special_tokens=with_bos)
-
-    def _with_specials(self, encode: Callable[[], Encoding]) -> Encoding:
-        """``encode()`` with the special tokens' strings read as special tokens (template text)."""
-        assert self.tokenizer is not None
-        self.tokenizer.encode_special_tokens = False
-        try:
-            return encode()
-        finally:
-            self.tokenizer.encode_special_tokens = True
 
     def _score_padded(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
         """Rewards of right-padded rows from an empty past, read at each row's last token."""
