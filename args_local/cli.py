@@ -352,8 +352,10 @@ def eval_cmd(prompts_file: Path, output: Path | None, limit: int | None, no_plot
 @click.option("--json", "as_json", is_flag=True, help='print {"reward": ..., "raw": ...}; raw is the output before the manifest\'s activation')
 @click.option("--no-cache", is_flag=True, help="re-score whole sequences instead of using the reward model's KV cache")
 @click.option("--prefixes", is_flag=True, help="the reward after every policy token of the response: the curve the search follows")
-@click.option("--batch", type=click.Path(path_type=Path, dir_okay=False), help='JSONL rows with "prompt" and "response"; one JSON result per row on stdout')
-def score_cmd(prompt: str | None, response: str | None, as_json: bool, no_cache: bool, prefixes: bool, batch: Path | None, **opts: Any) -> None:
+@click.option("--batch", type=click.Path(path_type=Path, dir_okay=False), help='JSONL rows with "prompt" and "response" (and "system"); one JSON result per row on stdout')
+@click.option("-sys", "--system", help="the system message the response was given under (the reward model's chat template renders it)")
+def score_cmd(prompt: str | None, response: str | None, as_json: bool, no_cache: bool, prefixes: bool, batch: Path | None,
+              system: str | None, **opts: Any) -> None:
     """Print the reward of RESPONSE to PROMPT as the search computes it (-r: one reward model)."""
     from . import score as sc
     from .runtime.load import load_engine
@@ -369,13 +371,13 @@ def score_cmd(prompt: str | None, response: str | None, as_json: bool, no_cache:
     engine = load_engine(models)
     if pairs is not None:
         failed = 0
-        for row in sc.score_batch(engine, pairs, not no_cache, prefixes):
+        for row in sc.score_batch(engine, pairs, not no_cache, prefixes, system):
             failed += "error" in row
             click.echo(json.dumps(row, ensure_ascii=False))
         if failed:
             raise PromptError(f"{failed} of {len(pairs)} rows could not be scored; their errors are in the output")
         return
-    scored = sc.score(engine, prompt or "", response or "", not no_cache, prefixes)
+    scored = sc.score(engine, prompt or "", response or "", not no_cache, prefixes, system)
     if as_json:
         click.echo(json.dumps(sc.report(scored, prefixes), ensure_ascii=False))
     elif prefixes:

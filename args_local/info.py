@@ -142,6 +142,9 @@ def describe_reward(path: Path) -> list[tuple[str, str]]:
     lines.append(("input", f"{manifest.input}, format {manifest.format}"))
     if manifest.template:
         lines.append(("template", json.dumps(manifest.template, ensure_ascii=False)))
+    if manifest.system_template:
+        lines.append(("system template", json.dumps(manifest.system_template, ensure_ascii=False)))
+    lines.append(("reads", _reads(manifest)))
     caches = {"per-row": "yes, a past per row (scored incrementally)", "shared": "yes, one past shared by all candidates (scored incrementally)"}
     lines.append(("kv cache", caches.get(manifest.kv_cache, "no")))
     if manifest.bos_token_id is not None:
@@ -184,6 +187,22 @@ def describe_reward(path: Path) -> list[tuple[str, str]]:
     lines.append(("check", check))
     lines.append(("size", _bytes(_size(folder) if path.is_dir() else _size(onnx_file))))
     return lines
+
+
+def _reads(manifest: Any) -> str:
+    """What the reward model reads of a conversation, in words (see :mod:`args_local.core.manifest`)."""
+    if manifest.format == "pair":
+        return "the (prompt, response) pair"
+    if manifest.format == "response":
+        return "[bos] + the response alone (not the prompt)" if manifest.kv_cache else "the response alone (not the prompt)"
+    if manifest.system_template:
+        system = "a system message through the system template"
+    elif "{system}" in manifest.template:
+        system = "a system message at {system}"
+    else:
+        system = "a system message on its own line before the prompt"
+    cached = "; cached: the text before {response} once per request, the text after it ends every candidate" if manifest.kv_cache else ""
+    return f"the conversation in the template, {system}{cached}"
 
 
 def _io_lines(values: list[Any]) -> list[str]:

@@ -33,14 +33,16 @@ class Scored:
         return {"text": self.text, "reward": self.reward, "raw": self.raw}
 
 
-def score(engine: Engine, prompt: str, response: str, use_cache: bool = True, prefixes: bool = False) -> list[Scored]:
-    """The response's reward (``prefixes``: every prefix's, by policy tokens), by engine.reward."""
+def score(engine: Engine, prompt: str, response: str, use_cache: bool = True, prefixes: bool = False,
+          system: str | None = None) -> list[Scored]:
+    """The response's reward (``prefixes``: every prefix's, by policy tokens) to ``prompt`` under
+    the system message ``system``, by engine.reward."""
     model, policy = engine.reward, engine.policy
     assert model is not None, "score needs a reward model"
     tokens = policy.tokenize(response, special=False, bos=False)  # user text: never control tokens
     if not tokens:
         raise PromptError("the response is empty; there is nothing to score")
-    scorer = engine.make_scorer(model, prompt, use_cache)
+    scorer = engine.make_scorer(model, prompt, use_cache, system)
     out, text = [], b""
     for i, token in enumerate(tokens):
         text += policy.token_bytes(token)
@@ -61,7 +63,8 @@ def report(scored: list[Scored], prefixes: bool) -> dict[str, Any]:
 
 
 def read_pairs(path: Path) -> list[dict[str, str]]:
-    """``--batch``: JSON lines, each with a "prompt" and a "response" string (blank lines skipped)."""
+    """``--batch``: JSON lines, each with a "prompt" and a "response" string, and optionally a
+    "system" one (blank lines skipped)."""
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as e:
@@ -78,18 +81,23 @@ def read_pairs(path: Path) -> list[dict[str, str]]:
             raise PromptError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
             raise PromptError(f'{path}:{number}: a row needs a "prompt" string and a "response" string')
+        if not isinstance(row.get("system", ""), str):
+            raise PromptError(f'{path}:{number}: "system" must be a string')
         pairs.append(row)
     if not pairs:
         raise PromptError(f"{path} holds no row to score")
     return pairs
 
 
-def score_batch(engine: Engine, pairs: list[dict[str, str]], use_cache: bool, prefixes: bool) -> Iterator[dict[str, Any]]:
-    """One JSON-ready row per pair, in order; a pair that cannot be scored gets its error."""
+def score_batch(engine: Engine, pairs: list[dict[str, str]], use_cache: bool, prefixes: bool,
+                system: str | None = None) -> Iterator[dict[str, Any]]:
+    """One JSON-ready row per pair, in order (a row's own "system" before ``system``); a pair
+    that cannot be scored gets its error."""
     for index, pair in enumerate(pairs):
         row: dict[str, Any] = {"index": index, "prompt": pair["prompt"], "response": pair["response"]}
         try:
-            row.update(report(score(engine, pair["prompt"], pair["response"], use_cache, prefixes), prefixes))
+            scored = score(engine, pair["prompt"], pair["response"], use_cache, prefixes, pair.get("system", system))
+            row.update(report(scored, prefixes))
         except PromptError as e:
             row["error"] = str(e)
         yield row

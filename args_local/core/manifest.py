@@ -1,10 +1,18 @@
 """The reward-model manifest, ``reward.json``: one schema, read by the runtime and written by
 ``args-local export`` and ``scripts/train_reward.py``.
 
-It says how the text is built (``input``, ``format``, ``template``), which output holds the
-reward and how to read it (``output``, ``index``, ``activation``, ``range``), and for causal
-models exported with their KV cache which layout they use (``kv_cache``, see
+It says how the text is built (``input``, ``format``, ``template``, ``system_template``), which
+output holds the reward and how to read it (``output``, ``index``, ``activation``, ``range``), and
+for causal models exported with their KV cache which layout they use (``kv_cache``, see
 :mod:`args_local.core.contract`). Unknown keys are kept (``extra``) and written back.
+
+The conversation (:meth:`Manifest.segments`): a ``template`` holds ``{prompt}`` and
+``{response}``, and may hold ``{system}``; ``system_template`` is the same conversation with a
+system message (a chat template often writes a default one when it is given none, so the two
+differ by more than a placeholder), used when there is a system message. A system message and
+a template with neither reads it before the prompt, ``system + "\n" + prompt``, as ``--raw``
+hands both to the policy. A KV-cached model may read a template too: the text before
+``{response}`` is its cache prefix, the text after it ends every candidate.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +33,8 @@ MAX_BYTES = 1 << 20  # a manifest is a few hundred bytes; a larger file is not o
 INPUTS = ("token_ids", "text")
 FORMATS = ("response", "pair", "template")
 REFERENCE_WEIGHT = 1.5  # the ARGS reference code's w, for reward models that suggest none
+PLACEHOLDERS = re.compile(r"(\{system\}|\{prompt\}|\{response\})")
+Runs = list[tuple[str, bool]]  # (text, is_template): template text may hold control tokens, user text never
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class Manifest:
     input: Literal["token_ids", "text"] = "token_ids"
     format: Literal["response", "pair", "template"] = "response"
     template: str | None = None
+    system_template: str | None = None
     kv_cache: Literal["per-row", "shared"] | None = None
     bos_token_id: int | None = None
     pad_token_id: int = 0
@@ -83,6 +95,29 @@ class Manifest:
         path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
+    def segments(self, prompt: str, response: str, system: str | None = None) -> Runs:
+        """The conversation in the template, as ``(text, is_template)`` runs (see the module's
+        docstring). Each placeholder is filled once, so a prompt that contains ``{response}``
+        stays as it was typed."""
+        template, values = self._filled(prompt, system)
+        return _runs(template, {**values, "{response}": response})
+
+    def around_response(self, prompt: str, system: str | None = None) -> tuple[Runs, Runs]:
+        """(before, after): the runs that surround the response (a KV-cached template has one
+        ``{response}``, and nothing of the user's after it; see :meth:`check`)."""
+        template, values = self._filled(prompt, system)
+        before, after = template.split("{response}", 1)
+        return _runs(before, values), _runs(after, values)
+
+    def _filled(self, prompt: str, system: str | None) -> tuple[str, dict[str, str]]:
+        assert self.template is not None, "only a template format renders a conversation"
+        template = self.template
+        if system and self.system_template:
+            template = self.system_template
+        elif system and "{system}" not in template:
+            prompt = f"{system}\n{prompt}"
+        return template, {"{system}": system or "", "{prompt}": prompt}
+
     @property
     def suggested_weight(self) -> float:
         """The -w to use when none is given: this model's own suggestion, else the reference's."""
@@ -101,12 +136,22 @@ class Manifest:
             raise bad(f'"format" must be one of {", ".join(FORMATS)}, not {self.format!r}')
         if self.format == "template" and not (isinstance(self.template, str) and "{response}" in self.template):
             raise bad('"format": "template" needs a "template" containing {response}')
+        if self.system_template is not None and not (
+            self.format == "template" and isinstance(self.system_template, str) and "{response}" in self.system_template
+        ):
+            raise bad('"system_template" goes with "format": "template" and must contain {response}')
         if self.activation not in ACTIVATIONS:
             raise bad(f'"activation" must be one of {", ".join(ACTIVATIONS)}')
         if self.kv_cache is not None and self.kv_cache not in KV_LAYOUTS:
             raise bad('"kv_cache" must be false, true or "per-row" (a past per row), or "shared" (one past for all rows)')
-        if self.kv_cache and (self.input != "token_ids" or self.format != "response"):
-            raise bad('"kv_cache" needs "input": "token_ids" and "format": "response"')
+        if self.kv_cache and (self.input != "token_ids" or self.format not in ("response", "template")):
+            raise bad('"kv_cache" needs "input": "token_ids" and "format": "response" or "template"')
+        if self.kv_cache and self.format == "template":
+            for key in ("template", "system_template"):
+                text = getattr(self, key)
+                if text is not None and (text.count("{response}") != 1 or PLACEHOLDERS.search(text.split("{response}")[1])):
+                    raise bad(f'a "kv_cache" model\'s "{key}" must hold {{response}} once, with no placeholder after it '
+                              "(the text before the response is its cache)")
         for key in ("bos_token_id", "pad_token_id", "index", "max_length"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -123,6 +168,13 @@ class Manifest:
             and self.range[0] <= self.range[1]
         ):
             raise bad('"range" must be [low, high] with finite low <= high')
+
+
+def _runs(template: str, values: dict[str, str]) -> Runs:
+    """``template`` with its placeholders filled from ``values``, as runs; empty runs are left out."""
+    parts = PLACEHOLDERS.split(template)
+    runs = [(values[part], False) if i % 2 else (part, True) for i, part in enumerate(parts)]
+    return [(text, own) for text, own in runs if text]
 
 
 def read_manifest(folder: Path) -> Manifest | None:

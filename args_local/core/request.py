@@ -14,11 +14,14 @@ from .settings import Settings
 
 @dataclass(frozen=True)
 class Request:
-    """A prompt already rendered to token ids, and the settings to decode it with."""
+    """A prompt already rendered to token ids, and the settings to decode it with. ``prompt``
+    and ``system`` are what the reward models read the response against (a conversation's
+    last user message and its system message; None: the settings' system message)."""
 
     prompt: str
     tokens: Sequence[int]
     settings: Settings = Settings()
+    system: str | None = None
 
 
 ROLES = ("system", "user", "assistant")

@@ -346,7 +346,7 @@ def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens
     if len(results) > 1:  # best-of-N: the guides rank the N samples, inside the timed region
         before = [g.model.stats.copy() for g in engine.guides]
         texts = [r.text for r in results]
-        total = sum(w * g.model.score_texts([prompt] * len(texts), texts) for g, w in zip(engine.guides, engine.weights(Settings())))
+        total = sum(w * g.model.score_texts([prompt] * len(texts), texts, s["system"]) for g, w in zip(engine.guides, engine.weights(Settings())))
         best = int(np.argmax(total))
         cost += sum((g.model.stats.since(b) for g, b in zip(engine.guides, before)), RewardStats())
     else:
@@ -355,7 +355,7 @@ def generate_row(engine: Engine, judges: Judges, index: int, prompt: str, tokens
     chosen = results[best]
     # Scored alone, as every other row is: a dynamically quantized reward model gives a text
     # a slightly different score in a padded batch than alone.
-    guides = {label: float(g.model.score_texts([prompt], [chosen.text])[0]) for label, g in zip(engine.labels(), engine.guides)}
+    guides = {label: float(g.model.score_texts([prompt], [chosen.text], s["system"])[0]) for label, g in zip(engine.labels(), engine.guides)}
     n = chosen.tokens
     return {
         "index": index,

@@ -2,10 +2,13 @@
 
 * :class:`TextScorer` re-reads ``prompt + response + candidate`` as text for every
   candidate: works for any model (encoders, string classifiers, decoders).
-* :class:`CachedScorer` is for causal models exported with a KV cache: the response
-  is prefilled once and the k candidates are scored in one call against the cached
-  prefix (single tokens when the model shares the policy's tokenizer; otherwise the
-  re-tokenized tail after the longest prefix the cache still matches). It drives one of
+* :class:`CachedScorer` is for causal models exported with a KV cache: what the model
+  reads before the response (its template's rendering of the system message and the
+  prompt, or ``[bos]``) is evaluated once per request, the response as it grows, and the
+  k candidates are scored in one call against the cache (single tokens when the model
+  shares the policy's tokenizer; otherwise the re-tokenized tail after the longest prefix
+  the cache still matches), each followed by what the template writes after the response
+  (:class:`Sequences`); only the chosen token stays in the cache. It drives one of
   two caches, one per layout of :mod:`args_local.core.contract`: :class:`RowCache`
   (``"per-row"``) and :class:`SharedCache` (``"shared"``), whose per-step cost grows with
   one read of the cache, not k copies of it.
@@ -34,10 +37,12 @@ def make_scorer(
     token_bytes: Callable[[int], bytes],
     policy_vocab: Callable[[], list[str]] | None = None,
     use_cache: bool = True,
+    system: str | None = None,
 ) -> "TextScorer | CachedScorer | CausalFullScorer":
-    """The fastest exact scorer for this model and policy: a KV-cached one for causal
-    models exported with their cache (token ids straight from the policy when both share
-    a vocabulary, else bridged through text), a text re-scorer for everything else."""
+    """The fastest exact scorer for this model and policy, for responses to ``prompt`` under
+    ``system``: a KV-cached one for causal models exported with their cache (token ids
+    straight from the policy when both share a vocabulary, else bridged through text), a
+    text re-scorer for everything else."""
     if model.manifest.kv_cache:
         texts = policy_vocab() if policy_vocab is not None else []
         shared = bool(texts) and model.shares_vocab(texts)
@@ -46,17 +51,18 @@ def make_scorer(
                      "reads the response through text", model.path)
         elif not shared:
             log.info("reward model %s does not share the policy's tokenizer: bridging through text", model.path)
-        sequences = Sequences(model, token_bytes, bridge=not shared)
+        sequences = Sequences(model, token_bytes, bridge=not shared, prompt=prompt, system=system)
         return CachedScorer(model, sequences) if use_cache else CausalFullScorer(model, sequences)
-    return TextScorer(model, prompt, token_bytes)
+    return TextScorer(model, prompt, token_bytes, system)
 
 
 class TextScorer:
     """Re-reads the whole text of each candidate; identical texts are scored once."""
 
-    def __init__(self, model: RewardModel, prompt: str, token_bytes: Callable[[int], bytes]) -> None:
+    def __init__(self, model: RewardModel, prompt: str, token_bytes: Callable[[int], bytes], system: str | None = None) -> None:
         self.model = model
         self.prompt = prompt
+        self.system = system
         self.token_bytes = token_bytes
         self.bounds = model.bounds
         self.response = bytearray()
@@ -64,7 +70,7 @@ class TextScorer:
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         texts = candidate_texts(bytes(self.response), self.token_bytes, tokens)
         unique = list(dict.fromkeys(texts))
-        rewards = self.model.score_texts([self.prompt] * len(unique), unique)
+        rewards = self.model.score_texts([self.prompt] * len(unique), unique, self.system)
         by_text = dict(zip(unique, rewards))
         return np.array([by_text[t] for t in texts])
 
@@ -73,34 +79,52 @@ class TextScorer:
 
 
 class Sequences:
-    """The reward model's token ids for the response extended by one candidate.
+    """The reward model's token ids for the response extended by one candidate:
+    ``before + response + candidate + after``, where ``before`` and ``after`` are the ids
+    around the response (:meth:`RewardModel.conversation_ids`).
 
     When the reward model shares the policy's vocabulary the policy's ids are used as
     they are. Otherwise (``bridge``) the response text is tokenized with the reward
     model's own tokenizer; only the tail after the part the cache already holds is
-    fed to the model, so the result equals full re-scoring of the same text.
+    fed to the model, so the result equals full re-scoring of the same text. A candidate
+    that adds no text (a control token: the end of the turn) ends the response, so its
+    sequence is the finished response's rendering, ``before + response + after``.
     """
 
-    def __init__(self, model: RewardModel, token_bytes: Callable[[int], bytes] | None = None, bridge: bool = False) -> None:
+    def __init__(self, model: RewardModel, token_bytes: Callable[[int], bytes] | None = None, bridge: bool = False,
+                 prompt: str = "", system: str | None = None) -> None:
         self.model = model
         self.token_bytes = token_bytes
         self.bridge = bridge
-        self.ids: list[int] = list(model.bos)
+        self.before, self.after = model.conversation_ids(prompt, system)
+        self.ids: list[int] = list(self.before)
         self.text = bytearray()
 
     def split(self, tokens: Sequence[int]) -> tuple[list[int], list[list[int]]]:
-        """(shared prefix, tails): candidate i's sequence is ``prefix + tails[i]``, and every
-        tail holds at least one token. With a shared vocabulary this costs nothing per step."""
+        """(shared prefix, tails): candidate i's sequence is ``prefix + tails[i]``, every tail
+        ends with ``after`` and holds at least one token. Of a tail, only what comes before
+        ``after`` belongs to the response (see :meth:`kept`). With a shared vocabulary this
+        costs nothing per step."""
+        after = self.after
         if not self.bridge:
-            return self.ids, [[t] for t in tokens]
+            if not after:
+                return self.ids, [[t] for t in tokens]
+            return self.ids, [after if self._ends(t) else [t, *after] for t in tokens]
         assert self.token_bytes is not None and self.model.tokenizer is not None
-        bos = self.model.bos
         texts = candidate_texts(bytes(self.text), self.token_bytes, tokens)
-        seqs = [bos + e.ids for e in self.model.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        shared = min(len(q) for q in seqs) - 1
-        for q in seqs[1:]:
-            shared = min(shared, common_prefix(seqs[0], q))
-        return seqs[0][:shared], [q[shared:] for q in seqs]
+        bodies = [self.before + e.ids for e in self.model.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        shared = min(len(q) for q in bodies) - (0 if after else 1)
+        for q in bodies[1:]:
+            shared = min(shared, common_prefix(bodies[0], q))
+        return bodies[0][:shared], [q[shared:] + after for q in bodies]
+
+    def _ends(self, token: int) -> bool:
+        """Whether ``token`` ends the response: the template's own end of turn, or no text."""
+        return token == self.after[0] or (self.token_bytes is not None and not self.token_bytes(token))
+
+    def kept(self, tail: list[int]) -> list[int]:
+        """The part of a scored tail that the response keeps once its candidate is chosen."""
+        return tail[: len(tail) - len(self.after)]
 
     def advance(self, token: int) -> None:
         if self.bridge:
@@ -177,6 +201,8 @@ class RowCache:
         return np.concatenate(raws), None
 
     def accept(self, i: int, tail: list[int]) -> None:
+        """Candidate i's first ``len(tail)`` new positions join the cache (the rest of its
+        scored tail, the template's end of turn, is dropped)."""
         new = self._new[i]
         self.past = {
             n: np.concatenate([self.past[n], part[:, :, : len(tail)]], axis=2) for n, part in zip(self.model.past_names, new)
@@ -236,6 +262,7 @@ class SharedCache:
         return np.concatenate(raws), None
 
     def accept(self, i: int, tail: list[int]) -> None:
+        """As :meth:`RowCache.accept`: a prefix of the scored tail is appended."""
         chunk, start = self._where[i]
         self._append(self._new[chunk], start, start + len(tail))
 
@@ -243,11 +270,13 @@ class SharedCache:
 class CachedScorer:
     """Scores k candidates against the reward model's KV cache of the response so far.
 
-    Each step: the part all candidates share and the cache lacks (tokens accepted on
-    steps that were skipped, or a re-tokenized tail) is fed once as a batch of one; then
-    the k distinct tails (a single token each when the vocabularies are shared) go in one
-    call against the cache. The chosen candidate's keys and values become the cache, so
-    accepting a scored token costs no model call.
+    Each step: the part all candidates share and the cache lacks (the text before the
+    response on the first step, tokens accepted on steps that were skipped, or a
+    re-tokenized tail) is fed once as a batch of one; then the k distinct tails (a single
+    token each when the vocabularies are shared, followed by what the template writes
+    after the response) go in one call against the cache. The chosen candidate's keys and
+    values, without that template end, become the cache, so accepting a scored token costs
+    no model call.
     """
 
     def __init__(self, model: RewardModel, sequences: Sequences | None = None) -> None:
@@ -256,7 +285,7 @@ class CachedScorer:
         self.sequences = sequences or Sequences(model)
         self.cache: RowCache | SharedCache = SharedCache(model) if model.manifest.kv_cache == "shared" else RowCache(model)
         self.cached: list[int] = []
-        self._last: dict[int, tuple[int, list[int]]] = {}  # token -> (row, tail)
+        self._last: dict[int, tuple[int, list[int]]] = {}  # token -> (row, what the response keeps of its tail)
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         prefix, tails = self.sequences.split(tokens)
@@ -268,7 +297,7 @@ class CachedScorer:
             self.cache.extend(prefix[len(self.cached) :])
             self.cached.extend(prefix[len(self.cached) :])
         raw, last = self.cache.candidates(tails)
-        self._last = {token: (i, tail) for i, (token, tail) in enumerate(zip(tokens, tails))}
+        self._last = {token: (i, self.sequences.kept(tail)) for i, (token, tail) in enumerate(zip(tokens, tails))}
         return self.model.rewards(raw, last)
 
     def advance(self, token: int) -> None:

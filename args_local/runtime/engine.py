@@ -108,17 +108,18 @@ class Engine:
             raise SettingsError(f"top_k {settings.top_k} is more than the vocabulary ({self.policy.n_vocab})", "top_k")
         return settings.with_weight(self.default_weight)
 
-    def make_scorer(self, model: RewardModel, prompt: str, use_cache: bool = True) -> Scorer:
-        """The fastest exact scorer of ``model`` for responses to ``prompt`` by this policy."""
-        return make_scorer(model, prompt, self.policy.token_bytes, self._policy_vocab, use_cache)
+    def make_scorer(self, model: RewardModel, prompt: str, use_cache: bool = True, system: str | None = None) -> Scorer:
+        """The fastest exact scorer of ``model`` for responses to ``prompt`` (under the system
+        message ``system``) by this policy."""
+        return make_scorer(model, prompt, self.policy.token_bytes, self._policy_vocab, use_cache, system)
 
-    def scorer(self, prompt: str, settings: Settings) -> tuple[Scorer | None, float, list[int]]:
+    def scorer(self, prompt: str, settings: Settings, system: str | None = None) -> tuple[Scorer | None, float, list[int]]:
         """(scorer, weight for the search, indices of the models it asks). One model is searched
         with its weight as before; several through :class:`WeightedSum` with weight 1. Models
         with weight 0, or any when k = 1, are not asked."""
         weights = self.weights(settings)
         active = [i for i, w in enumerate(weights) if w != 0] if settings.top_k > 1 else []
-        scorers = [self.make_scorer(self.guides[i].model, prompt, settings.use_cache) for i in active]
+        scorers = [self.make_scorer(self.guides[i].model, prompt, settings.use_cache, system) for i in active]
         if len(active) == 1:
             return scorers[0], weights[active[0]], active
         if not active:
@@ -155,7 +156,8 @@ class Engine:
         checked = chat_messages(messages)
         if settings.system and checked[0]["role"] != "system":
             checked.insert(0, {"role": "system", "content": settings.system})
-        return Request(prompt=checked[-1]["content"], tokens=self.policy.encode_chat(checked), settings=settings)
+        system = checked[0]["content"] if checked[0]["role"] == "system" else None
+        return Request(prompt=checked[-1]["content"], tokens=self.policy.encode_chat(checked), settings=settings, system=system)
 
     def stream(self, request: Request, result: Result, continues: bool = False, policy: StreamPolicy | None = None) -> Iterator[Piece]:
         """Yield text pieces as they are decided, filling ``result`` as it goes.
@@ -171,7 +173,8 @@ class Engine:
         settings = self.resolve(request.settings)
         policy.start(request.tokens, reuse_prefix=continues, settings=settings)
         result.prompt_tokens = len(request.tokens)
-        scorer, weight, active = self.scorer(request.prompt, settings)
+        system = request.system if request.system is not None else settings.system
+        scorer, weight, active = self.scorer(request.prompt, settings, system)
         result.models = [ModelReward(label, w) for label, w in zip(self.labels(), self.weights(settings))]
         pieces = Utf8Pieces()
         stops = StopFilter(settings.stop)

@@ -5,8 +5,8 @@ token ids) and ``reward.json``, the manifest (:mod:`args_local.core.manifest`) t
 how the text is built and which output is the reward. :class:`RewardModel` loads and checks
 all three, scores whole texts or token rows, and offers the caches of
 :mod:`args_local.runtime.caches` a small public interface: :meth:`RewardModel.run`,
-:meth:`RewardModel.token_feeds`, :meth:`RewardModel.empty_past`, :attr:`RewardModel.bos`
-and :meth:`RewardModel.rewards`. :meth:`RewardModel.scorer` picks the fastest exact scorer.
+:meth:`RewardModel.token_feeds`, :meth:`RewardModel.empty_past`,
+:meth:`RewardModel.conversation_ids` (the ids around a response) and :meth:`RewardModel.rewards`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
@@ -129,6 +129,7 @@ class RewardModel:
     def __init__(self, path: Path, threads: int | None = None, gpu: bool = False) -> None:
         onnx_file, folder = resolve_folder(path)
         self._special_strings: re.Pattern[str] | None = None
+        self._template_tokenizer: Tokenizer | None = None
         self.path = path
         manifest = read_manifest(folder)
         if manifest is None:
@@ -182,12 +183,17 @@ class RewardModel:
                 f"from the manifest's); restore the original tokenizer.json or re-export the model"
             )
         try:
-            tok = Tokenizer.from_str(raw.decode("utf-8"))
+            # Two copies: user text is text (a special token's string in it stays characters, see
+            # encode()), a template's own text holds special tokens. Two objects rather than one
+            # whose setting is switched, which threads scoring side by side (serve's lanes) would race.
+            tok, self._template_tokenizer = (Tokenizer.from_str(raw.decode("utf-8")) for _ in range(2))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise ModelError(f"{file} is not a valid tokenizer.json: {str(e).splitlines()[0] if str(e) else e!r}") from None
-        side = "left" if self.manifest.format == "response" else "right"
-        tok.enable_truncation(self.manifest.max_length, direction=side)
-        tok.encode_special_tokens = True  # text is text: see encode()
+        # A response (or a cached model's growing one) keeps its end; a whole text its beginning.
+        side = "left" if self.manifest.format == "response" or self.manifest.kv_cache else "right"
+        for t in (tok, self._template_tokenizer):
+            t.enable_truncation(self.manifest.max_length, direction=side)
+        tok.encode_special_tokens = True
         specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content]
         self._special_strings = re.compile("|".join(map(re.escape, specials))) if specials else None
         return tok
@@ -227,8 +233,9 @@ class RewardModel:
                     'inputs with matching outputs (present.* for true, new_key_values.* for "shared"); '
                     "re-export it with --with-past"
                 )
-            if m.bos_token_id is None:
-                raise ModelError(f"reward model {name}: a kv_cache model needs bos_token_id in its manifest")
+            if m.bos_token_id is None and m.format == "response":
+                raise ModelError(f"reward model {name}: a kv_cache model that reads the response alone needs "
+                                 "bos_token_id in its manifest")
 
     def _smoke_test(self) -> None:
         """Score one tiny text, with the tokenizer's largest id, so that a tokenizer that does
@@ -296,23 +303,24 @@ class RewardModel:
             out.append(self._score_padded(ids, mask, np.zeros_like(ids)))
         return np.concatenate(out)
 
-    def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """Rewards of finished (prompt, response) pairs built as the manifest says."""
-        return np.concatenate([self._score_texts(p, r) for p, r in zip(chunks(prompts), chunks(responses))])
+    def score_texts(self, prompts: Sequence[str], responses: Sequence[str], system: str | None = None) -> np.ndarray:
+        """Rewards of finished (prompt, response) pairs built as the manifest says (``system``:
+        the system message every pair was answered under)."""
+        return np.concatenate([self._score_texts(p, r, system) for p, r in zip(chunks(prompts), chunks(responses))])
 
-    def _score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    def _score_texts(self, prompts: Sequence[str], responses: Sequence[str], system: str | None) -> np.ndarray:
         m = self.manifest
         if m.input == "text":
             feed_name = next(iter(self.inputs))
             if m.format == "template":
-                texts = ["".join(text for text, _ in self.template_segments(p, r)) for p, r in zip(prompts, responses)]
+                texts = ["".join(text for text, _ in m.segments(p, r, system)) for p, r in zip(prompts, responses)]
             elif m.format == "pair":
                 texts = [f"{p}\n{r}" for p, r in zip(prompts, responses)]
             else:
                 texts = list(responses)
             (raw,) = self.run({feed_name: np.array(texts, dtype=object)}, len(texts))
             return self.rewards(raw, None)
-        enc = self.encode(prompts, responses)
+        enc = self.encode(prompts, responses, system)
         bos = self.bos
         ids, mask = right_pad([bos + e.ids for e in enc], m.pad_token_id)
         types = np.zeros_like(ids)
@@ -320,15 +328,7 @@ class RewardModel:
             types[i, len(bos) : len(bos) + len(e.type_ids)] = e.type_ids
         return self._score_padded(ids, mask, types)
 
-    def template_segments(self, prompt: str, response: str) -> list[tuple[str, bool]]:
-        """The manifest's template filled in, as ``(text, is_template)`` runs: each placeholder is
-        replaced once, so a prompt that contains ``{response}`` stays as it was typed."""
-        assert self.manifest.template is not None
-        values = {"{prompt}": prompt, "{response}": response}
-        parts = re.split(r"(\{prompt\}|\{response\})", self.manifest.template)
-        return [(values[part], False) if i % 2 else (part, True) for i, part in enumerate(parts) if part]
-
-    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoding]:
+    def encode(self, prompts: Sequence[str], responses: Sequence[str], system: str | None = None) -> list[Encoding]:
         """The reward model's tokens for (prompt, response) pairs. The prompt and the response are
         the user's and the policy's text: a special token's string inside them (``<|im_end|>``)
         is tokenized as text (the tokenizer's ``encode_special_tokens``); only a template's own
@@ -340,29 +340,31 @@ class RewardModel:
             return tok.encode_batch(list(zip(prompts, responses)))
         if m.format == "response":
             return tok.encode_batch(list(responses), add_special_tokens=m.bos_token_id is None)
-        return [self._encode_template(p, r) for p, r in zip(prompts, responses)]
+        return [self._encode_runs(m.segments(p, r, system), m.bos_token_id is None) for p, r in zip(prompts, responses)]
 
-    def _encode_template(self, prompt: str, response: str) -> Encoding:
-        tok = self.tokenizer
-        assert tok is not None
-        segments = self.template_segments(prompt, response)
-        with_bos = self.manifest.bos_token_id is None
-        if not (self._special_strings and any(self._special_strings.search(t) for t, own in segments if not own)):
-            return self._with_specials(lambda: tok.encode("".join(t for t, _ in segments), add_special_tokens=with_bos))
-        pieces = [
-            self._with_specials(lambda: tok.encode(t, add_special_tokens=False)) if own else tok.encode(t, add_special_tokens=False)
-            for t, own in segments
-        ]
+    def conversation_ids(self, prompt: str, system: str | None = None) -> tuple[list[int], list[int]]:
+        """(before, after): the token ids around a response, for the KV-cached path, which feeds
+        ``before + response + after`` with the response's ids in between. ``before`` is
+        evaluated once per request; ``after`` (the template's end of turn, such as Qwen's
+        ``<|im_end|>\n``) ends every candidate. A ``"response"`` model reads ``[bos]`` before
+        the response and nothing after it."""
+        if self.manifest.format != "template":
+            return self.bos, []
+        before, after = self.manifest.around_response(prompt, system)
+        first = self._encode_runs(before, self.manifest.bos_token_id is None).ids
+        return self.bos + first, self._encode_runs(after, False).ids
+
+    def _encode_runs(self, runs: Sequence[tuple[str, bool]], with_bos: bool) -> Encoding:
+        """Tokens of a filled template (see :meth:`Manifest.segments`): the template's own text
+        with its special tokens, the user's text without; whole when the user's text holds no
+        special token's string, so that the result is the model's own tokenizer's. ``with_bos``:
+        the tokenizer's post-processor adds what it adds to a whole text (its BOS)."""
+        tok, template = self.tokenizer, self._template_tokenizer
+        assert tok is not None and template is not None
+        if not (self._special_strings and any(self._special_strings.search(t) for t, own in runs if not own)):
+            return template.encode("".join(t for t, _ in runs), add_special_tokens=with_bos)
+        pieces = [(template if own else tok).encode(t, add_special_tokens=False) for t, own in runs]
         return tok.post_process(Encoding.merge(pieces), add_special_tokens=with_bos)
-
-    def _with_specials(self, encode: Callable[[], Encoding]) -> Encoding:
-        """``encode()`` with the special tokens' strings read as special tokens (template text)."""
-        assert self.tokenizer is not None
-        self.tokenizer.encode_special_tokens = False
-        try:
-            return encode()
-        finally:
-            self.tokenizer.encode_special_tokens = True
 
     def _score_padded(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
         """Rewards of right-padded rows from an empty past, read at each row's last token."""

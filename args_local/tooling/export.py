@@ -28,9 +28,13 @@ that :mod:`args_local.reward` reads). Three kinds of models are handled:
     ``present.*`` (``"kv_cache": "per-row"``); every candidate carries its own copy of the past.
 
   Either way ``logits`` is ``[batch, sequence, num_labels]`` (the score at every position)
-  and an empty past works. The text is ``[bos] + response``: the runtime feeds the policy's tokens straight in
-  when both share a vocabulary. ``bos`` is the tokenizer's BOS token, else the first
-  token of its chat template (``<|im_start|>`` for Qwen), else its EOS token (GPT-2's
+  and an empty past works. The text is the chat template's rendering of the conversation,
+  as without a cache (``"format": "template"``, with ``system_template`` for a system
+  message): the runtime evaluates the text before the response once per request, feeds
+  the policy's tokens straight in when both share a vocabulary, and ends every candidate
+  with the text after the response. Without a chat template (or with ``--format
+  response``) it is ``[bos] + response``; ``bos`` is the tokenizer's BOS token, else the
+  first token of its chat template (``<|im_start|>`` for Qwen), else its EOS token (GPT-2's
   ``<|endoftext|>``).
 
 Every export ends with a parity check: a handful of texts are scored by PyTorch and by
@@ -79,6 +83,9 @@ SAMPLES: tuple[tuple[str, str], ...] = (
 
 PROMPT_SENTINEL = "ARGSLOCALPROMPTSENTINEL"
 RESPONSE_SENTINEL = "ARGSLOCALRESPONSESENTINEL"
+SYSTEM_SENTINEL = "ARGSLOCALSYSTEMSENTINEL"
+SYSTEM_SAMPLE = "You are a kind and concise assistant."  # the KV-cached parity check's system message
+REFERENCE_TEMPLATE = "{prompt}{response}"  # no chat template: the prompt's text, then the response's, as the ARGS reference reads them
 
 INSTALL_HINT = 'pip install "args-local[export]"'
 PAST_LAYOUTS = ("shared", "per-row")
@@ -196,10 +203,10 @@ def _export(
     kind = _check_architecture(deps, source, config, with_past)
     tok = _load_tokenizer(deps, source, config)
     pad = _pad_token(deps, source, config, tok, kind, log)
-    fmt, template = _input_format(tok, kind, with_past, input_format, source, log)
-    if kind == "decoder" and not with_past:
+    fmt, template = _input_format(tok, kind, input_format, source, log)
+    if kind == "decoder" and (not with_past or fmt == "template"):
         _check_last_token_is_not_pad(tok, fmt, template, pad, source)
-    bos = _bos_token(tok, log) if with_past else None
+    bos = _bos_token(tok, log) if with_past and fmt == "response" else None
 
     model = _load_model(deps, source, config)
     head = _score_head(deps, source, model) if with_past else None
@@ -496,9 +503,12 @@ def _score_head(deps: _Deps, source: str, model):
     return head
 
 
-def _render_template(tok) -> str | None:
-    """The chat template for one user turn and one assistant turn, with {prompt} and {response}.
-    The folder's template is rendered within the runtime's bounds (:mod:`args_local.runtime.template`)."""
+def _render_template(tok, system: bool = False) -> str | None:
+    """The chat template for one user turn and one assistant turn (after a system message when
+    ``system``), with {prompt}, {response} (and {system}) in place of the messages; None when
+    the tokenizer has no chat template, or one that does not render such a conversation in
+    that order. The folder's template is rendered within the runtime's bounds
+    (:mod:`args_local.runtime.template`), never as code of its own."""
     from ..runtime.template import ChatTemplate, TemplateFailure, TemplateOutOfBounds
 
     source = getattr(tok, "chat_template", None)
@@ -506,7 +516,10 @@ def _render_template(tok) -> str | None:
         source = source.get("default")
     if not isinstance(source, str) or not source:
         return None
-    conversation = [{"role": "user", "content": PROMPT_SENTINEL}, {"role": "assistant", "content": RESPONSE_SENTINEL}]
+    sentinels = {SYSTEM_SENTINEL: "{system}"} if system else {}
+    sentinels.update({PROMPT_SENTINEL: "{prompt}", RESPONSE_SENTINEL: "{response}"})
+    roles = ["system", "user", "assistant"][-len(sentinels):]
+    conversation = [{"role": role, "content": sentinel} for role, sentinel in zip(roles, sentinels)]
     specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     try:
         text = ChatTemplate(source, "the tokenizer", **specials).render(conversation, add_generation_prompt=False)
@@ -514,18 +527,16 @@ def _render_template(tok) -> str | None:
         raise ExportError(str(e)) from None
     except TemplateFailure:
         return None
-    if text.count(PROMPT_SENTINEL) != 1 or text.count(RESPONSE_SENTINEL) != 1:
+    if any(text.count(sentinel) != 1 for sentinel in sentinels):
         return None
-    if text.index(PROMPT_SENTINEL) > text.index(RESPONSE_SENTINEL):
+    if [text.index(sentinel) for sentinel in sentinels] != sorted(text.index(sentinel) for sentinel in sentinels):
         return None
-    return text.replace(PROMPT_SENTINEL, "{prompt}").replace(RESPONSE_SENTINEL, "{response}")
+    for sentinel, placeholder in sentinels.items():
+        text = text.replace(sentinel, placeholder)
+    return text
 
 
-def _input_format(tok, kind: str, with_past: bool, wanted: str | None, source: str, log) -> tuple[str, str | None]:
-    if with_past:
-        if wanted not in (None, "response"):
-            raise ExportError("--with-past scores [bos] + the response as tokens: the input format can only be response")
-        return "response", None
+def _input_format(tok, kind: str, wanted: str | None, source: str, log) -> tuple[str, str | None]:
     if kind == "encoder":
         if wanted == "template":
             raise ExportError("the template format is for decoders with a chat template; encoders take pair or response")
@@ -533,12 +544,15 @@ def _input_format(tok, kind: str, with_past: bool, wanted: str | None, source: s
     template = _render_template(tok)
     if wanted == "pair":
         raise ExportError("the pair format is for encoders; decoders take template or response")
-    if wanted == "template" and template is None:
-        raise ExportError(f"the tokenizer of {source} has no usable chat template: use the response format")
     if wanted == "response":
         return "response", None
+    if template is None and wanted == "template":
+        log(f"note: {source} has no usable chat template: the reward model will read the prompt's text followed "
+            "by the response's, as the ARGS reference code does")
+        return "template", REFERENCE_TEMPLATE
     if template is None:
-        log(f"note: {source} has no chat template: the reward model will read the response alone")
+        log(f"note: {source} has no chat template: the reward model will read the response alone "
+            "(--format template: the prompt's text, then the response's)")
         return "response", None
     return "template", template
 
@@ -554,7 +568,8 @@ def _check_last_token_is_not_pad(tok, fmt: str, template: str | None, pad: int, 
         raise ExportError(
             f"the texts {source} reads end with its pad token {tok.convert_ids_to_tokens(int(pad))!r} (id {pad}), "
             "so the reward would be read one token early: set pad_token_id in its config.json to a token the "
-            "texts never end with (or export with --with-past, which reads the last token whatever it is)"
+            "texts never end with (or export with --with-past --format response, which reads the response alone "
+            "at its last token)"
         )
 
 
@@ -589,8 +604,12 @@ def _manifest(source, config, tok, kind, fmt, template, with_past, bos, pad, log
     }
     if template is not None:
         manifest["template"] = template
+        system_template = _render_template(tok, system=True) if template != REFERENCE_TEMPLATE else None
+        if system_template is not None:
+            manifest["system_template"] = system_template
     if with_past:
         manifest["kv_cache"] = "per-row"
+    if bos is not None:
         manifest["bos_token_id"] = bos
     manifest["pad_token_id"] = pad
     manifest["output"] = "logits"
@@ -837,8 +856,9 @@ def check_parity(reference: Sequence[float], exported: Sequence[float], precisio
 
 def _torch_rewards(deps: _Deps, model, tok, manifest: dict[str, Any], head, inputs: Sequence[str]) -> np.ndarray:
     """PyTorch's rewards for SAMPLES, each text alone (no padding), tokenized as the model's
-    users do: the tokenizer's pair call, apply_chat_template, or [bos] + response. Only the
-    inputs the ONNX model takes are passed (a GPT-2 would add token_type_ids embeddings)."""
+    users do: the tokenizer's pair call, apply_chat_template (the prompt's text then the
+    response's without a chat template), or [bos] + response. Only the inputs the ONNX model
+    takes are passed (a GPT-2 would add token_type_ids embeddings)."""
     torch = deps.torch
     rows = []
 
@@ -851,12 +871,12 @@ def _torch_rewards(deps: _Deps, model, tok, manifest: dict[str, Any], head, inpu
             if fmt == "pair":
                 enc = tok(prompt, response, return_tensors="pt", truncation=True, max_length=manifest["max_length"])
                 logits = model(**feed(enc)).logits[0]
-            elif manifest.get("kv_cache"):
+            elif fmt == "response" and manifest.get("kv_cache"):
                 ids = [manifest["bos_token_id"], *tok(response, add_special_tokens=False).input_ids]
                 rows.append(_positions(deps, model, head, ids)[-1])
                 continue
             elif fmt == "template":
-                text = tok.apply_chat_template(
+                text = prompt + response if manifest["template"] == REFERENCE_TEMPLATE else tok.apply_chat_template(
                     [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
                 )
                 ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
@@ -877,7 +897,7 @@ def _positions(deps: _Deps, model, head, ids: Sequence[int]) -> np.ndarray:
 
 
 def _parity(deps: _Deps, folder: Path, model, tok, manifest, precision: str, head, log) -> dict[str, Any]:
-    from ..runtime.caches import CachedScorer, CausalFullScorer
+    from ..runtime.caches import CachedScorer, CausalFullScorer, Sequences
     from ..runtime.reward import RewardModel
 
     try:
@@ -892,14 +912,18 @@ def _parity(deps: _Deps, folder: Path, model, tok, manifest, precision: str, hea
     if not manifest.get("kv_cache"):
         return report
 
-    # Step by step: KV-cached scoring of k candidates against full re-scoring, and the
-    # true next token's full score against PyTorch at that position.
-    response = " ".join(r for _, r in SAMPLES[:2])
+    # Step by step, on the conversation of a system message, a prompt and a growing response:
+    # KV-cached scoring of k candidates against full re-scoring, and the true next token's
+    # full score against PyTorch on the same ids (the text before the response, the response
+    # so far, the text after it).
+    prompt, response = SAMPLES[0][0], " ".join(r for _, r in SAMPLES[:2])
+    system = SYSTEM_SAMPLE if manifest["format"] == "template" else None
+    before, after = reward.conversation_ids(prompt, system)
     ids = tok(response, add_special_tokens=False).input_ids[:40]
-    per_position = _activate(_positions(deps, model, head, [manifest["bos_token_id"], *ids]), manifest)
     rng = np.random.default_rng(0)
     vocab = len(tok)
-    cached, full = CachedScorer(reward), CausalFullScorer(reward)
+    cached = CachedScorer(reward, Sequences(reward, prompt=prompt, system=system))
+    full = CausalFullScorer(reward, Sequences(reward, prompt=prompt, system=system))
     steps = 0
     cached_all, full_all, torch_ref, onnx_true = [], [], [], []
     for i, token in enumerate(ids):
@@ -908,7 +932,7 @@ def _parity(deps: _Deps, folder: Path, model, tok, manifest, precision: str, hea
             a, b = cached.score(candidates), full.score(candidates)
             cached_all.extend(a)
             full_all.extend(b)
-            torch_ref.append(per_position[i + 1])
+            torch_ref.append(_activate(_positions(deps, model, head, [*before, *ids[: i + 1], *after])[-1:], manifest)[0])
             onnx_true.append(b[-1])
             steps += 1
         cached.advance(token)
