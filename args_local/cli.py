@@ -129,7 +129,7 @@ def model_options(f: Callable) -> Callable:
         click.option("-t", "--threads", type=int, envvar=ENV_VARS["threads"], show_envvar=True, help="CPU threads for both models [default: llama.cpp one per physical core, onnxruntime all]"),
         click.option("-ngl", "--gpu-layers", type=int, default=0, show_default=True, help="policy layers to offload to the GPU (-1: all); also puts the reward model on CUDA when available"),
         click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's and onnxruntime's logs and timings on stderr"),
-        click.option("--policy-url", metavar="URL", help="run the policy on this server instead (llama.cpp's llama-server, vLLM), e.g. http://127.0.0.1:8080; -m then names its GGUF, read only for the tokenizer"),
+        click.option("--policy-url", metavar="URL", envvar=ENV_VARS["policy_url"], show_envvar=True, help="run the policy on this server instead (llama.cpp's llama-server, vLLM), e.g. http://127.0.0.1:8080; -m then names its GGUF, read only for the tokenizer"),
         click.option("--policy-api", type=click.Choice(["auto", "native", "openai"]), default="auto", show_default=True, help="with --policy-url: llama.cpp's /completion, or the OpenAI-compatible /v1/completions"),
         click.option("--policy-api-key", metavar="KEY", envvar=ENV_VARS["policy_api_key"], show_envvar=True, help="with --policy-url: the server's API key"),
         click.option("--policy-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True, help="with --policy-url: seconds to wait for an answer"),
@@ -287,23 +287,23 @@ def chat(**opts: Any) -> None:
 @settings_options(*SEARCH, "max_tokens", "ignore_eos", defaults=GENERATE)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every interface; see --api-key)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="port to listen on (0: any free one)")
-@click.option("-np", "--parallel", type=click.IntRange(1, 256), default=4, show_default=True, help="requests decoded together; each holds -c tokens of llama.cpp's KV cache")
+@click.option("-np", "--parallel", type=click.IntRange(1, 256), default=4, show_default=True, help="requests decoded together; each holds -c tokens of llama.cpp's KV cache "
+              "(with --policy-url: requests in flight to the policy server at once, as many as its parallel slots)")
 @click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True, help="requests that may wait for a free sequence; more get 429")
-@click.option("--lanes", type=click.IntRange(1, 256), help="llama.cpp contexts decoding side by side, each on its own thread, sharing the --parallel sequences [default: one per llama.cpp thread (-t) on the CPU, 1 with -ngl]")
+@click.option("--lanes", type=click.IntRange(1, 256), help="llama.cpp contexts decoding side by side, each on its own thread, sharing the --parallel sequences [default: one per llama.cpp thread (-t) on the CPU, 1 with -ngl, one per request with --policy-url]")
 @click.option("--api-key", envvar="ARGS_LOCAL_API_KEY", help="require 'Authorization: Bearer KEY' [env: ARGS_LOCAL_API_KEY]")
 def serve(host: str, port: int, parallel: int, queue: int, lanes: int | None, api_key: str | None, **opts: Any) -> None:
     """Serve the OpenAI API (chat and completions, streamed or not) with ARGS decoding.
 
     The flags set the defaults of every request; a request's own fields override them
     (temperature 0: ARGS-greedy; top_k, reward_weight, min_p, repeat_penalty, ignore_eos
-    as extensions).
+    as extensions). With --policy-url the policy runs on that server, which batches the
+    requests in its parallel slots; the reward model runs here.
     """
     from .serve import ServeOptions, serve as run
 
     settings = settings_from(opts, GENERATE)
     models = models_from(opts)
-    if models.policy_url:  # its batching runs llama.cpp's context in this process
-        raise click.UsageError("serve does not take --policy-url yet: it decodes its requests together in process")
     try:
         run(models, settings, ServeOptions(host, port, parallel, queue, api_key or None, lanes),
             announce=lambda msg: click.echo(f"args-local: {msg}", err=True))

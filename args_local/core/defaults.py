@@ -18,7 +18,7 @@ from .settings import Settings
 GENERATE = Settings(mode="sample", temperature=0.7, repeat_penalty=1.1, repeat_last_n=64)
 CHAT = GENERATE.update(max_tokens=512)  # a conversation's replies may run longer than a one-off answer
 
-# Environment variables for the model options users set once: the CLI's -m, -r and -t, and
-# the llm plugin's models, read them.
+# Environment variables for the model options users set once: the CLI's -m, -r, -t,
+# --policy-url and --policy-api-key, and the llm plugin's models, read them.
 ENV_VARS = {"model": "ARGS_LOCAL_MODEL", "reward_model": "ARGS_LOCAL_REWARD_MODEL", "threads": "ARGS_LOCAL_THREADS",
-            "policy_api_key": "ARGS_LOCAL_POLICY_API_KEY"}
+            "policy_url": "ARGS_LOCAL_POLICY_URL", "policy_api_key": "ARGS_LOCAL_POLICY_API_KEY"}

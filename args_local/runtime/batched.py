@@ -28,17 +28,16 @@ backends pick kernels by batch size; there a near tie may flip (the README says 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import llama_cpp
 import numpy as np
 
 from ..core.errors import ArgsLocalError, ModelError, PromptError, SettingsError
-from ..core.request import Piece, Request, Result
 from ..core.settings import Settings
 from .engine import Engine
 from .policy import N_BATCH, LlamaPolicy, check_memory
+from .slots import Event, Slot, Slots
 
 
 def check_room(policy: LlamaPolicy, parallel: int, n_ctx: int) -> None:
@@ -194,76 +193,39 @@ class SequencePolicy:
         return self.owner.policy.is_eog(token)
 
 
-@dataclass
-class Slot:
-    """An active request: its sequence, its piece stream and its result so far."""
-
-    request: Request
-    result: Result
-    seq: SequencePolicy
-    pieces: Iterator[Piece] = field(repr=False)
-
-
-@dataclass
-class Event:
-    """What one request did in a step: a piece, its end (``done``), or an error that ended it."""
-
-    slot: Slot
-    piece: Piece | None = None
-    done: bool = False
-    error: Exception | None = None
-
-
-class Batch:
-    """Up to ``parallel`` requests decoded in lock-step: one policy decode per step for all.
-
-    Not thread-safe: one thread calls :meth:`add`, :meth:`step` and :meth:`remove`."""
+class Batch(Slots):
+    """Up to ``parallel`` requests decoded in lock-step: one policy decode per step for all."""
 
     def __init__(self, engine: Engine, parallel: int, n_ctx: int) -> None:
-        self.engine = engine
         self.policy = BatchedPolicy(engine.policy, parallel, n_ctx)
-        self.slots: list[Slot] = []
+        super().__init__(engine, self.policy.n_ctx)
 
     @property
     def free(self) -> int:
         return self.policy.free
 
-    def add(self, request: Request, result: Result) -> Slot:
-        """Start ``request`` on a free sequence; its prompt is evaluated at its first step."""
-        seq = self.policy.sequence()
-        slot = Slot(request, result, seq, self.engine.stream(request, result, policy=seq))
-        self.slots.append(slot)
-        return slot
+    def _take(self) -> SequencePolicy:
+        return self.policy.sequence()
 
-    def remove(self, slot: Slot) -> None:
-        """End ``slot`` now (finished, failed or cancelled) and free its sequence."""
-        if slot in self.slots:
-            self.slots.remove(slot)
-            slot.pieces.close()
-            self.policy.release(slot.seq)
+    def set_threads(self, threads: int) -> None:
+        self.policy.set_threads(threads)
+
+    def _release(self, slot: Slot) -> None:
+        self.policy.release(slot.policy)
 
     def step(self) -> list[Event]:
         """Advance every active request by one decision, then decode all the decided tokens
-        in one batch. A request that fails ends alone; the others go on."""
-        events: list[Event] = []
-        for slot in list(self.slots):
-            try:
-                events.append(Event(slot, piece=next(slot.pieces)))
-            except StopIteration:
-                events.append(Event(slot, done=True))
-                self.remove(slot)
-            except Exception as e:  # noqa: BLE001 -- one request's failure (a bad reward, a bug) is its own
-                events.append(Event(slot, error=e))
-                self.remove(slot)
+        in one batch."""
+        events = super().step()
         # A decision the sequence does not hold yet (not the text flushed after the last one).
-        rows = [(e.slot.seq, [e.piece.step.token]) for e in events
-                if e.piece is not None and e.slot.result.tokens > e.slot.seq.generated]
+        rows = [(e.slot.policy, [e.piece.step.token]) for e in events
+                if e.piece is not None and e.slot.result.tokens > e.slot.policy.generated]
         if rows:
             try:
                 self.policy.decode(rows)
             except ArgsLocalError as e:
                 for seq, _ in rows:
-                    slot = next(s for s in self.slots if s.seq is seq)
+                    slot = next(s for s in self.slots if s.policy is seq)
                     events.append(Event(slot, error=e))
                     self.remove(slot)
                 return events
@@ -272,6 +234,5 @@ class Batch:
         return events
 
     def close(self) -> None:
-        for slot in list(self.slots):
-            self.remove(slot)
+        super().close()
         self.policy.close()

@@ -38,6 +38,7 @@ class PolicyModel(StreamPolicy, Protocol):
     """Everything the engine and the front ends use of their policy."""
 
     path: Path | str
+    name: str  # what the server calls the model
     n_vocab: int
     n_ctx: int
     evaluated: int  # tokens the model ran (or was sent to run): shows cache reuse

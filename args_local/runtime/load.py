@@ -92,6 +92,13 @@ class ModelOptions:
         return (RewardSpec(self.reward_model or default_reward()),)
 
 
+def set_log_levels(verbose: bool) -> None:
+    """Our log at INFO with -v, else warnings only; urllib3 logs each retry of a policy server,
+    and the final failure is our one sentence, so its warnings show only with -v."""
+    logging.getLogger("args_local").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
 def load_policy(options: ModelOptions, vocab=None):
     """The policy named by ``options``: a GGUF run here, or a server's (``policy_url``), whose
     tokenizer is ``vocab``, else that of the GGUF ``model`` names, else the server's own."""
@@ -122,9 +129,7 @@ def load_engine(options: ModelOptions, with_reward: bool = True) -> Engine:
 
     policy_mod.set_verbose(options.verbose)
     quiet_onnxruntime(not options.verbose)
-    logging.getLogger("args_local").setLevel(logging.INFO if options.verbose else logging.WARNING)
-    # urllib3 logs each retry of a policy server; the final failure is our one sentence.
-    logging.getLogger("urllib3").setLevel(logging.WARNING if options.verbose else logging.ERROR)
+    set_log_levels(options.verbose)
     policy = load_policy(options)
     guides = []
     if with_reward:

@@ -134,12 +134,15 @@ class LlamaVocab(ChatTokenizer):
         self.n_vocab = self.llm.n_vocab()
         bos = self.llm.token_bos()
         self.bos_id = bos if llama_cpp.llama_vocab_get_add_bos(self.vocab) and bos >= 0 else None
-        self._piece_buf = ctypes.create_string_buffer(64)
         self._template: ChatTemplate | None = None
 
     @classmethod
     def open(cls, path: Path) -> "LlamaVocab":
         return cls(path, vocab_only=True)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
 
     @property
     def chat_template(self) -> str | None:
@@ -170,12 +173,14 @@ class LlamaVocab(ChatTokenizer):
         return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
-        """The bytes of one token, however long (llama-cpp-python's own helper stops at 32)."""
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        """The bytes of one token, however long (llama-cpp-python's own helper stops at 32). The
+        buffer is this call's own: ``serve`` asks from several threads at once (a remote policy)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
-            self._piece_buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, -n, 0, special)
-        return self._piece_buf.raw[:n]
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
 
     def vocab_texts(self) -> list[str]:
         """Every token's vocabulary string, to tell whether a reward model shares this tokenizer."""

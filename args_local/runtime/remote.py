@@ -13,10 +13,12 @@ vocabulary is read), else from llama.cpp's server itself (:class:`ServerVocab`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -79,6 +81,7 @@ class Connection:
         prefix = (parsed.path or "").rstrip("/")
         self.prefix = prefix[: -len("/v1")] if prefix.endswith("/v1") else prefix
         self.has_key = bool(api_key)
+        self._api_key = api_key
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -92,6 +95,10 @@ class Connection:
             f"{parsed.scheme}://{parsed.netloc}", maxsize=4, headers=headers, retries=retries,
             timeout=urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, timeout), read=timeout),
         )
+
+    def another(self) -> "Connection":
+        """A connection of its own to the same server, with the same key and timeouts."""
+        return Connection(self.url, self._api_key, self.timeout)
 
     def get(self, path: str, missing_ok: bool = False) -> Any:
         return self.request("GET", path, None, missing_ok)
@@ -156,6 +163,36 @@ def _message(raw: bytes) -> str:
         text = raw.decode("utf-8", errors="replace")
     text = " ".join(text.split())
     return text[:300] or "(no message)"
+
+
+def _served(conn: Connection) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """llama.cpp's ``/props`` (None from other servers) and the first model ``/v1/models``
+    lists ({} when it lists none)."""
+    props = conn.get("/props", missing_ok=True)
+    models = conn.get("/v1/models", missing_ok=True)
+    data = models.get("data") if isinstance(models, dict) else None
+    model = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    return (props if isinstance(props, dict) and "default_generation_settings" in props else None), model
+
+
+def _stem(served: str) -> str:
+    """A served model's short name: llama.cpp's server names it by its GGUF's path."""
+    name = PurePosixPath(served).name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def served_model(url: str, api_key: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
+    """What identifies the model behind ``url`` for a batch's stamp: the URL, and the model's
+    name, file and size as the server reports them (not its volatile fields, such as the time
+    it started), so that a server restarted on another model is not taken for the same."""
+    conn = Connection(url, api_key, timeout)
+    try:
+        props, model = _served(conn)
+    finally:
+        conn.pool.close()
+    base = f"{conn.pool.scheme}://{conn.pool.host}:{conn.pool.port}{conn.prefix}"  # with or without /v1, the same
+    return {"url": base, "model_path": (props or {}).get("model_path"),
+            **{k: model.get(k) for k in ("id", "root", "meta", "max_model_len") if k in model}}
 
 
 @dataclass
@@ -365,11 +402,8 @@ class RemotePolicy:
         check_api(api)
         self.conn = Connection(url, api_key, timeout)
         self.path = self.conn.url
-        props = self.conn.get("/props", missing_ok=True)
-        llama_cpp = isinstance(props, dict) and "default_generation_settings" in props
-        models = self.conn.get("/v1/models", missing_ok=True)
-        data = models.get("data") if isinstance(models, dict) else None
-        model = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+        props, model = _served(self.conn)
+        llama_cpp = props is not None
         if api == "native" and not llama_cpp:
             raise ServerError(f"{self.conn.url} is not llama.cpp's server (no /props): try --policy-api openai")
         if not llama_cpp and not model:
@@ -400,6 +434,9 @@ class RemotePolicy:
             raise ServerError(f"the policy server at {self.conn.url} does not say how many tokens its vocabulary has")
         slot_ctx = (props or {}).get("default_generation_settings", {}).get("n_ctx") if llama_cpp else model.get("max_model_len")
         self.n_ctx = int(slot_ctx) if slot_ctx else n_ctx
+        served = str(model.get("id") or (props or {}).get("model_path") or "")
+        self.name = _stem(served) or self.conn.url  # what `serve` calls the model
+        self.slots: int | None = (props or {}).get("total_slots")  # llama-server --parallel
         self.evaluated = 0
         self.trips = RoundTrips()
         self._tokens: list[int] = []
@@ -407,6 +444,19 @@ class RemotePolicy:
         self._logits: np.ndarray | None = None
         self._settings = Settings()
         self._warned = False
+
+    def fork(self) -> "RemotePolicy":
+        """The same served model over a connection of its own, for one more request decoding at
+        the same time (``serve``'s requests, in the server's parallel slots). The vocabulary is
+        shared (its lookups are read-only, or kept-alive requests of their own); the prefix,
+        the counters and the connection are not."""
+        twin = copy.copy(self)
+        twin.conn = self.conn.another()
+        twin.api = copy.copy(self.api)
+        twin.api.conn = twin.conn
+        twin.evaluated, twin.trips, twin._tokens, twin._sent, twin._logits = 0, RoundTrips(), [], [], None
+        twin._settings, twin._warned = Settings(), False
+        return twin
 
     # -- the vocabulary, from the GGUF or the server -----------------------------
 

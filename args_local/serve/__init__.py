@@ -1,9 +1,12 @@
 """``args-local serve``: an OpenAI-compatible HTTP server with ARGS decoding and continuous
-batching (Starlette, sse-starlette and uvicorn, from the ``server`` extra)."""
+batching (Starlette, sse-starlette and uvicorn, from the ``server`` extra): in llama.cpp
+contexts here, or, with ``--policy-url``, in the policy server's parallel slots."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -12,7 +15,11 @@ from ..core.errors import ArgsLocalError
 from ..core.settings import Settings
 
 if TYPE_CHECKING:
+    from ..runtime.engine import Engine
     from ..runtime.load import ModelOptions
+    from ..runtime.slots import Slots
+
+log = logging.getLogger("args_local")
 
 
 @dataclass(frozen=True)
@@ -24,13 +31,14 @@ class ServeOptions:
     parallel: int = 4
     queue: int = 16
     api_key: str | None = None
-    lanes: int | None = None  # None: one per llama.cpp thread on the CPU, one on a GPU
+    lanes: int | None = None  # None: one per llama.cpp thread on the CPU, one on a GPU, one per request remote
 
-    def lane_sizes(self, threads: int, gpu: bool) -> list[int]:
+    def lane_sizes(self, threads: int, gpu: bool, remote: bool = False) -> list[int]:
         """How many of the ``parallel`` sequences each lane holds. On a CPU a decode of a
         small model costs about the same per row batched or not, so lanes of their own
-        threads use the cores better than one batch; a GPU batches for free."""
-        lanes = min(self.parallel, self.lanes or (1 if gpu else threads))
+        threads use the cores better than one batch; a GPU batches for free. A remote
+        policy's step waits on the network: a lane per request keeps them all in flight."""
+        lanes = min(self.parallel, self.lanes or (self.parallel if remote else 1 if gpu else threads))
         return [self.parallel // lanes + (i < self.parallel % lanes) for i in range(lanes)]
 
 
@@ -43,6 +51,45 @@ def listen(host: str, port: int) -> socket.socket:
         raise ArgsLocalError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def open_lanes(models: ModelOptions, options: ServeOptions) -> tuple[Engine, list[Slots], int]:
+    """The engine, the lanes and the llama.cpp threads they share: the one place that chooses
+    between llama.cpp contexts here and requests on a policy server (``--policy-url``)."""
+    from ..runtime.load import MIN_CTX, load_engine
+    from ..runtime.remote import RemotePolicy
+    from ..runtime.slots import RemoteSlots
+
+    make: Callable[[int], Slots]  # a lane of this many requests
+    if models.policy_url:
+        engine = load_engine(models)
+        remote = engine.policy
+        assert isinstance(remote, RemotePolicy)
+        if remote.slots and options.parallel > remote.slots:
+            log.warning("the policy server decodes %d requests at once (its --parallel); the other %d of --parallel %d "
+                        "wait there for a slot", remote.slots, options.parallel - remote.slots, options.parallel)
+        threads = 1  # the policy's threads are the server's
+        sizes = options.lane_sizes(threads, gpu=False, remote=True)
+        make = functools.partial(RemoteSlots, engine, remote)
+    else:
+        from ..runtime.batched import Batch, check_room
+
+        # The engine's own llama.cpp context only tokenizes here: keep it small. The requests'
+        # sequences live in the lanes' contexts, -c tokens each.
+        engine = load_engine(dataclasses.replace(models, ctx_size=MIN_CTX))
+        threads = engine.policy.threads
+        check_room(engine.policy, options.parallel, models.ctx_size)  # all lanes together
+        sizes = options.lane_sizes(threads, gpu=models.gpu_layers != 0)
+        make = functools.partial(Batch, engine, n_ctx=models.ctx_size)
+    lanes: list[Slots] = []
+    try:
+        for size in sizes:
+            lanes.append(make(size))
+    except BaseException:
+        for lane in lanes:
+            lane.close()
+        raise
+    return engine, lanes, threads
+
+
 def serve(models: ModelOptions, defaults: Settings, options: ServeOptions, announce: Callable[[str], None]) -> None:
     """Load the models, then answer requests until interrupted (Ctrl-C, SIGTERM); ``announce``
     gets one line when the server is ready."""
@@ -50,27 +97,13 @@ def serve(models: ModelOptions, defaults: Settings, options: ServeOptions, annou
         import uvicorn
     except ImportError:
         raise ArgsLocalError("the server needs the server extra: pip install 'args-local[server]'") from None
-    from ..runtime.batched import Batch, check_room
-    from ..runtime.load import MIN_CTX, load_engine
     from .app import Api
     from .scheduler import Scheduler
 
-    # The engine's own llama.cpp context only tokenizes here: keep it small. The requests'
-    # sequences live in the lanes' contexts, -c tokens each.
-    engine = load_engine(dataclasses.replace(models, ctx_size=MIN_CTX))
-    threads = engine.policy.threads
-    check_room(engine.policy, options.parallel, models.ctx_size)  # all lanes together
-    batches: list[Batch] = []
-    try:
-        for size in options.lane_sizes(threads, gpu=models.gpu_layers != 0):
-            batches.append(Batch(engine, size, models.ctx_size))
-    except BaseException:
-        for batch in batches:
-            batch.close()
-        raise
+    engine, batches, threads = open_lanes(models, options)
     scheduler = Scheduler(batches, options.queue, threads)
-    model_id = engine.policy.path.stem
-    n_ctx = batches[0].policy.n_ctx
+    model_id = engine.policy.name
+    n_ctx = batches[0].n_ctx
     api = Api(engine, scheduler, defaults, model_id, n_ctx, options.api_key)
     sock = listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
@@ -81,7 +114,8 @@ def serve(models: ModelOptions, defaults: Settings, options: ServeOptions, annou
     scheduler.start()
     url_host = f"[{host}]" if ":" in host else host
     lanes = f" in {len(batches)} lanes" if len(batches) > 1 else ""
-    announce(f"serving {model_id} on http://{url_host}:{port}/v1 ({options.parallel} in parallel{lanes}, "
+    served = f", the policy on {models.policy_url}" if models.policy_url else ""
+    announce(f"serving {model_id} on http://{url_host}:{port}/v1 ({options.parallel} in parallel{lanes}{served}, "
              f"{options.queue} queued, {n_ctx} tokens of context each"
              f"{', API key required' if options.api_key else ''})")
     try:

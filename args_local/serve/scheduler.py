@@ -1,8 +1,9 @@
 """The server's decoding threads: a bounded queue in front of one or more lanes.
 
 HTTP handlers run on the event loop; llama.cpp and onnxruntime run here. A *lane* is a
-:class:`Batch` (its own llama.cpp context and sequences) and the one thread that steps it. A
-handler :meth:`Scheduler.submit`\\ s a :class:`Job` (refused with :class:`Busy` when every
+:class:`~args_local.runtime.slots.Slots` (a :class:`~args_local.runtime.batched.Batch`: its own
+llama.cpp context and sequences; or :class:`~args_local.runtime.slots.RemoteSlots`: requests
+on a policy server) and the one thread that steps it. A handler :meth:`Scheduler.submit`\\ s a :class:`Job` (refused with :class:`Busy` when every
 sequence is decoding and ``queue`` jobs are waiting), then reads the job's events from an
 asyncio queue that its lane's thread fills. A job whose client left is
 :meth:`Scheduler.cancel`\\ led: it leaves its batch at the next step boundary.
@@ -11,7 +12,9 @@ Why lanes: on a CPU, one decode of a small model is mostly arithmetic, done row 
 batch of 4 rows costs about 4 times one row, and the threads of one decode wait for each other
 at every operation. Two lanes of one thread each, side by side on two cores, keep both cores
 busy with no waiting. Every step a lane's llama.cpp threads are the policy's threads shared by
-the lanes then busy, so one request alone decodes on all of them, as ``generate`` does.
+the lanes then busy, so one request alone decodes on all of them, as ``generate`` does. With a
+policy server a lane's step waits on the network: each request gets a lane of its own, so that
+their calls are in flight together and the server batches them in its parallel slots.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Sequence
 
 from ..core.errors import ArgsLocalError
 from ..core.request import Request, Result
-from ..runtime.batched import Batch, Event, Slot
+from ..runtime.slots import Event, Slot, Slots
 
 log = logging.getLogger("args_local")
 
@@ -64,7 +67,7 @@ class Job:
 class Lane:
     """A batch and what the scheduler knows about it; ``active`` is touched by its thread only."""
 
-    batch: Batch
+    batch: Slots
     thread: threading.Thread | None = None
     active: dict[int, Job] = field(default_factory=dict)  # id(slot) -> job
     soonest_free: int = 0  # fewest tokens any active job has left
@@ -73,7 +76,7 @@ class Lane:
 class Scheduler:
     """Admits jobs into the lanes at their step boundaries, steps them, and hands pieces back."""
 
-    def __init__(self, batches: Sequence[Batch], queue: int, threads: int) -> None:
+    def __init__(self, batches: Sequence[Slots], queue: int, threads: int) -> None:
         self.lanes = [Lane(b) for b in batches]
         self.parallel = sum(b.free for b in batches)
         self.queue = queue
@@ -163,7 +166,7 @@ class Scheduler:
         if not lane.active:
             return True
         busy = sum(1 for other in self.lanes if other.active)
-        lane.batch.policy.set_threads(max(1, self.threads // busy))
+        lane.batch.set_threads(max(1, self.threads // busy))
         start = time.perf_counter()
         events = lane.batch.step()
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - start)
