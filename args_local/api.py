@@ -39,16 +39,24 @@ def load(
     gpu_layers: int = 0,
     ctx_size: int = 4096,
     verbose: bool = False,
+    policy_url: str | None = None,
+    policy_api: str = "auto",
+    policy_api_key: str | None = None,
+    policy_timeout: float = 600.0,
 ) -> "Model":
-    """Load a policy and its reward model, as ``-m``, ``-r``, ``-t``, ``-ngl``, ``-c`` and ``-v``
-    do on the command line.
+    """Load a policy and its reward model, as ``-m``, ``-r``, ``-t``, ``-ngl``, ``-c``, ``-v`` and
+    the ``--policy-*`` flags do on the command line.
 
     ``model`` is a GGUF file or a name (``args-local models`` lists them: ollama's, LM
     Studio's, the Hugging Face cache's); None is the bundled SmolLM2-135M-Instruct.
     ``reward_model`` is a reward-model folder or ``.onnx`` file; None is the shipped sentiment
     model. ``threads`` None lets llama.cpp and onnxruntime choose; ``gpu_layers`` -1 offloads
-    all layers. Raises :class:`~args_local.core.errors.ModelError` for a model that cannot
-    be loaded and :class:`SettingsError` for an option out of range.
+    all layers. ``policy_url`` runs the policy on that server instead (llama.cpp's
+    llama-server, vLLM; ``policy_api`` "native", "openai" or "auto"): ``model`` then only names
+    the GGUF it serves, read for its tokenizer and chat template (None: the server's own), and
+    the reward model still runs here. Raises :class:`~args_local.core.errors.ModelError` for a
+    model that cannot be loaded, :class:`~args_local.core.errors.ServerError` for a policy
+    server that cannot be used, and :class:`SettingsError` for an option out of range.
     """
     from .runtime.load import ModelOptions, load_engine
 
@@ -59,6 +67,10 @@ def load(
         threads=threads,
         gpu_layers=gpu_layers,
         verbose=verbose,
+        policy_url=policy_url,
+        policy_api=policy_api,
+        policy_api_key=policy_api_key,
+        policy_timeout=policy_timeout,
     )
     return Model(load_engine(options))
 

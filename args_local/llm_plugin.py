@@ -3,7 +3,10 @@
 Registered through this package's ``llm`` entry point. ``args-local`` is the default policy
 (or ``$ARGS_LOCAL_MODEL``); ``args-local/NAME`` is each model ``args-local models`` finds.
 The reward model is the shipped one unless ``$ARGS_LOCAL_REWARD_MODEL`` names another;
-``$ARGS_LOCAL_THREADS`` sets the threads. Each reply renders the whole conversation llm
+``$ARGS_LOCAL_THREADS`` sets the threads. ``$ARGS_LOCAL_POLICY_URL`` (with
+``$ARGS_LOCAL_POLICY_API_KEY``) runs the policy on that server, as ``--policy-url`` does: llm's
+options have no place for a model's loading, and a server is set once, like the model; the
+model's name then only chooses the GGUF read for the tokenizer (``args-local``: the server's own). Each reply renders the whole conversation llm
 keeps (its system message, earlier prompts and replies) in the policy's chat template.
 
 Options (``-o top_k 5``) are the request settings, checked by the same rules as everywhere
@@ -70,7 +73,9 @@ class ArgsLocal(llm.Model):
             threads = os.environ.get(ENV_VARS["threads"])
             if threads is not None and not threads.strip().isdigit():
                 raise SettingsError(f"{ENV_VARS['threads']} must be a whole number, not {threads!r}")
-            self._model = load(self.policy, os.environ.get(ENV_VARS["reward_model"]) or None, int(threads) if threads else None)
+            self._model = load(self.policy, os.environ.get(ENV_VARS["reward_model"]) or None, int(threads) if threads else None,
+                               policy_url=os.environ.get(ENV_VARS["policy_url"]) or None,
+                               policy_api_key=os.environ.get(ENV_VARS["policy_api_key"]) or None)
         return self._model
 
     def execute(self, prompt: llm.Prompt, stream: bool, response: llm.Response, conversation: llm.Conversation | None) -> Iterator[str]:
