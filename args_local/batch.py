@@ -90,8 +90,18 @@ def _digest(value: Any) -> str:
 
 def stamp(rows: list[Row], settings: Settings, models: Any) -> dict[str, str]:
     """What a batch output belongs to: the input rows, and the settings and models they ran
-    under. Every result line starts with it."""
+    under. Every result line starts with it. The reward models given with ``-r`` (and their
+    weights) and a policy server are in it only when given, so the outputs of runs without
+    them keep the stamp they had. A policy server is asked which model it serves (its URL alone
+    could serve another one after a restart); the API it is spoken to with is not in it (the
+    same server computes the same numbers either way)."""
     chosen = {"settings": settings.as_dict(), "model": _path(models.model), "reward_model": _path(models.reward_model), "ctx_size": models.ctx_size}
+    if models.rewards:
+        chosen["rewards"] = [[_path(s.path) if s.path.exists() else str(s.path), s.weight] for s in models.rewards]
+    if models.policy_url:
+        from .runtime.remote import served_model
+
+        chosen["policy_server"] = served_model(models.policy_url, models.policy_api_key, models.policy_timeout)
     return {"input": _digest([[r.prompt, r.overrides, r.error] for r in rows]), "settings": _digest(chosen)}
 
 
@@ -139,10 +149,11 @@ def report(request, result, engine) -> dict[str, Any]:
 
 def run_batch(batch: Path, out_path: Path | None, resume: bool, settings: Settings, models) -> None:
     """Every row of ``batch``, in order, each result written as soon as it is finished."""
-    from .runtime.load import load_engine
+    from .runtime.load import load_engine, set_log_levels
     from .runtime.memory import rss_mb
 
     rows = read_rows(batch)
+    set_log_levels(models.verbose)  # the stamp may ask a policy server already
     mark = stamp(rows, settings, models)
     prefix = json.dumps({"batch": mark}, ensure_ascii=False)[:-1].encode()
 
