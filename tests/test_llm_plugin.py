@@ -90,3 +90,19 @@ def test_options_are_checked_by_the_settings_rules(llm_env, option, words):
     run = llm(llm_env, "-m", "args-local", "hi", "-o", *option)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert words in run.stderr
+
+
+def test_the_policy_url_variable_puts_the_policy_on_that_server(llm_env, policy_path, tmp_path):
+    """``$ARGS_LOCAL_POLICY_URL`` is the plugin's --policy-url: greedy gives the server's own text."""
+    from test_remote import free_port, server_text, start_server, stop
+
+    greedy = ("-o", "mode", "greedy", "-o", "weight", "0", "-o", "repeat_penalty", "1", "-o", "max_tokens", "16")
+    url, proc = start_server(policy_path, tmp_path / "llama-server.log", "-fa", "off")
+    try:
+        run = llm({**llm_env, "ARGS_LOCAL_POLICY_URL": url}, "-m", "args-local", PROMPT, *greedy)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == server_text(url, PROMPT, 16) + "\n"
+    finally:
+        stop(proc)
+    down = llm({**llm_env, "ARGS_LOCAL_POLICY_URL": f"http://127.0.0.1:{free_port()}"}, "-m", "args-local", PROMPT, *greedy)
+    assert down.returncode == 1 and "cannot reach the policy server" in down.stderr and "Traceback" not in down.stderr

@@ -7,6 +7,7 @@ own process group, which the fixture ends; the tests are skipped when it is not 
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.server
 import json
 import os
@@ -21,14 +22,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import openai
 import pytest
 
-from args_local.core.errors import SettingsError
+import args_local
+from args_local.core.errors import ServerError, SettingsError
 from args_local.core.request import Request, Result
 from args_local.core.settings import Settings
 from args_local.runtime.engine import Engine
 from args_local.runtime.load import ModelOptions
 from args_local.runtime.remote import UNRETURNED, RemotePolicy
+from args_local.serve.launch import ServerProcess
 from conftest import cli
 
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -130,6 +134,14 @@ def server_greedy(url: str, tokens: list[int], n: int) -> list[int]:
     out = post_json(url + "/completion", {"prompt": tokens, "n_predict": n, "temperature": 0, "cache_prompt": False,
                                            "return_tokens": True, "samplers": ["top_k"], "top_k": 1})
     return out["tokens"]
+
+
+def server_text(url: str, prompt: str, n: int) -> str:
+    """The server's own greedy reply to ``prompt`` in the chat template, as text."""
+    policy = RemotePolicy(url)
+    tokens = server_greedy(url, Engine(policy, None).encode(prompt), n)
+    reply = [t for t in tokens[: next((i for i, t in enumerate(tokens) if policy.is_eog(t)), len(tokens))]]
+    return b"".join(policy.token_bytes(t) for t in reply).decode()
 
 
 def decode(engine: Engine, prompt: str, n: int, **settings: Any) -> tuple[list[int], Result, list]:
@@ -306,9 +318,10 @@ class VllmShaped(http.server.BaseHTTPRequestHandler):
 
     upstream = ""
     cap = 5
+    served = "smollm2"
 
     def do_GET(self) -> None:
-        self.answer(200, {"object": "list", "data": [{"id": "smollm2", "object": "model", "max_model_len": 4096}]})
+        self.answer(200, {"object": "list", "data": [{"id": self.served, "object": "model", "max_model_len": 4096}]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -381,3 +394,113 @@ def test_bench_shows_the_remote_rows_next_to_in_process(server, policy_path):
         assert f"| {name} |" in out
     assert "remote args-greedy k=10 keeps " in out and "x of in-process args-greedy k=10 throughput" in out
     assert "ms HTTP round trip to the policy server" in out
+
+
+def chat(client: openai.OpenAI, prompt: str, **kw: Any):
+    return client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": prompt}], **kw)
+
+
+def health(serve: ServerProcess) -> dict[str, int]:
+    return get_json(f"http://127.0.0.1:{serve.port}/health")
+
+
+def wait_for(serve: ServerProcess, timeout: float = 30, **counts: int) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(health(serve)[k] == v for k, v in counts.items()):
+        assert time.monotonic() < deadline, f"/health stayed at {health(serve)}, expected {counts}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def row_by_row(policy_path, tmp_path) -> Iterator[str]:
+    """llama-server --parallel 2 computing one token at a time (``-ub 1``): its numbers then do
+    not depend on what it decodes beside them. With its default batching, a prompt evaluated in
+    the same batch as another slot's token moves that token's log-probabilities (by up to 0.4
+    here), enough to flip a greedy near tie, and this model's greedy replies have gaps of 0.01
+    between the top two candidates within 32 tokens."""
+    url, proc = start_server(policy_path, tmp_path / "log.txt", "--parallel", "2", "-fa", "off", "-ub", "1")
+    yield url
+    stop(proc)
+
+
+@pytest.mark.slow
+def test_serve_decodes_its_requests_in_the_servers_parallel_slots(row_by_row):
+    """`serve --policy-url` against llama-server --parallel 2: two greedy clients at once get the
+    text each gets alone (the server's own greedy); two ARGS requests at once are each charged
+    only their own reward-model calls; a third request finds the queue full; a client that
+    leaves frees its place within a step."""
+    server = row_by_row
+    prompts = [PROMPT, "Describe your favourite city in three sentences."]
+    greedy = {"temperature": 0, "max_tokens": 40, "extra_body": {"reward_weight": 0}}
+    with ServerProcess(["--policy-url", server, "--parallel", "2", "--queue", "0"]) as serve:
+        assert f"(2 in parallel in 2 lanes, the policy on {server}, 0 queued, 2048 tokens of context each)" in serve.output().decode()
+        client = openai.OpenAI(base_url=serve.url, api_key="none", max_retries=0, timeout=300)
+        alone = [chat(client, p, **greedy).choices[0].message.content for p in prompts]
+        assert alone[0] == server_text(server, prompts[0], 40)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda p: chat(client, p, **greedy), prompts))
+            assert [r.choices[0].message.content for r in together] == alone
+            guided = list(pool.map(lambda p: chat(client, p, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}), prompts))
+        for r in guided:  # a prefill, then one call per token: not the other request's calls too
+            assert r.usage.completion_tokens == 24 and r.model_extra["args"]["reward_calls"] == 25
+
+        long = {"max_tokens": 1500, "stream": True, "extra_body": {"ignore_eos": True}}
+        streams = [chat(client, p, **long) for p in prompts]
+        for stream in streams:  # both are decoding: each yields its pieces while the other runs
+            next(iter(stream))
+        wait_for(serve, active=2, waiting=0)
+        with pytest.raises(openai.RateLimitError):
+            chat(client, PROMPT, max_tokens=4)
+        left = time.monotonic()
+        for stream in streams:
+            stream.close()
+        wait_for(serve, active=0)
+        assert time.monotonic() - left < 5  # well over 20 s of decoding were left
+        assert "wait there for a slot" not in serve.output().decode()
+    with ServerProcess(["--policy-url", server, "--parallel", "3"]) as more:  # more than the server's slots
+        assert ("the policy server decodes 2 requests at once (its --parallel); the other 1 of --parallel 3 "
+                "wait there for a slot") in more.output().decode()
+
+
+@pytest.mark.slow
+def test_python_api_loads_a_policy_url(server):
+    model = args_local.load(policy_url=server)
+    assert model.engine.reward is not None  # the reward model runs here
+    result = model.generate(PROMPT, Settings(), weight=0, max_tokens=32)
+    assert result.text == server_text(server, PROMPT, 32)
+    with pytest.raises(ServerError, match="connection refused"):
+        args_local.load(policy_url=f"http://127.0.0.1:{free_port()}")
+
+
+@pytest.mark.slow
+def test_batch_resume_refuses_another_policy_server_or_model(server, vllm_shaped, policy_path, tmp_path):
+    """A batch's rows carry the policy server and the model it said it serves: resuming against
+    another server, another model behind the same URL, the policy in process, or other reward
+    models is refused, the output untouched."""
+    rows, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    rows.write_text("Name a colour.\nName an animal.\n")
+    base = ["generate", "--batch", str(rows), "-o", str(out), "-n", "2", "-m", str(policy_path)]
+    first = cli(*base, "--policy-url", server)
+    assert first.returncode == 0, first.stderr.decode()
+    before = out.read_bytes()
+    refusals = [
+        ("--policy-url", vllm_shaped.url),  # another server (the same model, its numbers may differ)
+        (),  # the policy in process
+        ("--policy-url", server, "-r", "nontoxic"),
+    ]
+    for flags in refusals:
+        refused(cli(*base, "--resume", *flags), out)
+    assert out.read_bytes() == before
+    again = cli(*base, "--resume", "--policy-url", server)
+    assert again.returncode == 0 and "0 to run" in again.stderr.decode()
+
+    shaped = [*base, "-o", str(tmp_path / "shaped.jsonl"), "--policy-url", vllm_shaped.url]
+    assert cli(*shaped).returncode == 0
+    vllm_shaped.served = "another-model"  # restarted on another model, at the same URL
+    refused(cli(*shaped, "--resume"), tmp_path / "shaped.jsonl")
+
+
+def refused(run: subprocess.CompletedProcess, out: Path) -> None:
+    assert run.returncode == 1 and run.stderr.decode().strip().splitlines() == [
+        f"args-local: error: {out} holds results of other settings or models; refusing to mix them "
+        "(choose another -o, or resume with the same batch file and flags)"], run.stderr.decode()
