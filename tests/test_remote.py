@@ -433,7 +433,7 @@ def test_serve_decodes_its_requests_in_the_servers_parallel_slots(row_by_row):
     prompts = [PROMPT, "Describe your favourite city in three sentences."]
     greedy = {"temperature": 0, "max_tokens": 40, "extra_body": {"reward_weight": 0}}
     with ServerProcess(["--policy-url", server, "--parallel", "2", "--queue", "0"]) as serve:
-        assert f"(2 in parallel in 2 lanes, the policy on {server}, 0 queued, 2048 tokens of context each)" in serve.output().decode()
+        assert f"(2 in parallel, the policy on {server}, 0 queued, 2048 tokens of context each)" in serve.output().decode()
         client = openai.OpenAI(base_url=serve.url, api_key="none", max_retries=0, timeout=300)
         alone = [chat(client, p, **greedy).choices[0].message.content for p in prompts]
         assert alone[0] == server_text(server, prompts[0], 40)

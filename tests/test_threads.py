@@ -61,9 +61,9 @@ def test_the_server_s_sequences_split_over_its_lanes(parallel, lanes, threads, g
     assert ServeOptions(parallel=parallel, lanes=lanes).lane_sizes(threads, gpu) == sizes
 
 
-@pytest.mark.parametrize("parallel, lanes, sizes", [(4, None, [1, 1, 1, 1]), (4, 2, [2, 2])])
-def test_a_remote_policy_gives_each_request_a_lane(parallel, lanes, sizes):
-    """Its steps wait on the network, not on the cores: all in flight at once."""
+@pytest.mark.parametrize("parallel, lanes, sizes", [(4, None, [4]), (4, 2, [2, 2])])
+def test_a_policy_server_batches_one_lane(parallel, lanes, sizes):
+    """A lane sends its requests' steps together, and the server batches them."""
     from args_local.serve import ServeOptions
 
     assert ServeOptions(parallel=parallel, lanes=lanes).lane_sizes(1, gpu=False, remote=True) == sizes

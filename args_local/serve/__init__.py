@@ -31,14 +31,14 @@ class ServeOptions:
     parallel: int = 4
     queue: int = 16
     api_key: str | None = None
-    lanes: int | None = None  # None: one per llama.cpp thread on the CPU, one on a GPU, one per request remote
+    lanes: int | None = None  # None: one per llama.cpp thread on the CPU, one on a GPU or a policy server
 
     def lane_sizes(self, threads: int, gpu: bool, remote: bool = False) -> list[int]:
         """How many of the ``parallel`` sequences each lane holds. On a CPU a decode of a
         small model costs about the same per row batched or not, so lanes of their own
-        threads use the cores better than one batch; a GPU batches for free. A remote
-        policy's step waits on the network: a lane per request keeps them all in flight."""
-        lanes = min(self.parallel, self.lanes or (self.parallel if remote else 1 if gpu else threads))
+        threads use the cores better than one batch; a GPU batches for free, and so does a
+        policy server, when a lane's requests send their steps together."""
+        lanes = min(self.parallel, self.lanes or (1 if gpu or remote else threads))
         return [self.parallel // lanes + (i < self.parallel % lanes) for i in range(lanes)]
 
 

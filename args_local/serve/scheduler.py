@@ -13,8 +13,7 @@ batch of 4 rows costs about 4 times one row, and the threads of one decode wait 
 at every operation. Two lanes of one thread each, side by side on two cores, keep both cores
 busy with no waiting. Every step a lane's llama.cpp threads are the policy's threads shared by
 the lanes then busy, so one request alone decodes on all of them, as ``generate`` does. With a
-policy server a lane's step waits on the network: each request gets a lane of its own, so that
-their calls are in flight together and the server batches them in its parallel slots.
+policy server one lane sends all its requests' steps at once, and the server batches them.
 """
 
 from __future__ import annotations
