@@ -19,6 +19,11 @@ Usage::
     python scripts/serve_load.py --clients 4 --rounds 7 --max-tokens 48   # Linux (reads /proc)
     python scripts/serve_load.py --extra '{"reward_weight": 0, "top_k": 1}'   # the policy alone
     python scripts/serve_load.py --lanes 1   # one batch for all requests
+    python scripts/serve_load.py --clients 2 --policy-url http://127.0.0.1:8080   # on llama-server --parallel 2
+
+With ``--policy-url`` the server and ``generate`` run the policy on that server (start it with
+``--parallel`` at least ``--clients``); the CPU time counted is then args-local's only, and
+``--policy-pid`` adds the policy server's (a process on this machine).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class Timings:
     per_token_s: list[float] = field(default_factory=list)  # after the first token
     tokens_per_s: list[float] = field(default_factory=list)  # one value per round
     cpu_per_token_s: list[float] = field(default_factory=list)  # the server's CPU time, one value per round
+    policy_cpu_per_token_s: list[float] = field(default_factory=list)  # --policy-pid's, one value per round
     failures: int = 0
 
 
@@ -89,16 +95,19 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def send(server: ServerProcess, model: str, prompts: list[str], together: bool, n: int, extra: dict[str, Any],
-               into: Timings) -> None:
+               into: Timings, policy_pid: int | None = None) -> None:
     """``prompts`` all at once or one after another; aggregate tokens/s and CPU per token go to ``into``."""
     client = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
     start, cpu = time.perf_counter(), cpu_seconds(server.proc.pid)
+    policy_cpu = cpu_seconds(policy_pid) if policy_pid else 0.0
     if together:
         tokens = sum(await asyncio.gather(*(one_request(client, model, p, n, extra, into) for p in prompts)))
     else:
         tokens = sum([await one_request(client, model, p, n, extra, into) for p in prompts])
     into.tokens_per_s.append(tokens / (time.perf_counter() - start))
     into.cpu_per_token_s.append((cpu_seconds(server.proc.pid) - cpu) / max(1, tokens))
+    if policy_pid:
+        into.policy_cpu_per_token_s.append((cpu_seconds(policy_pid) - policy_cpu) / max(1, tokens))
     await client.close()
 
 
@@ -126,8 +135,11 @@ def main() -> None:
     ap.add_argument("--ctx-size", default="512", help="-c of the server: tokens per request")
     ap.add_argument("--threads", help="-t of the server and of generate [default: theirs]")
     ap.add_argument("--lanes", help="--lanes of the server [default: its own]")
+    ap.add_argument("--policy-url", help="--policy-url of the server and of generate: the policy on that server")
+    ap.add_argument("--policy-pid", type=int, help="with --policy-url: the policy server's process id, to count its CPU time too")
     args = ap.parse_args()
-    models = ["-c", args.ctx_size, *(["-t", args.threads] if args.threads else [])]
+    models = ["-c", args.ctx_size, *(["-t", args.threads] if args.threads else []),
+              *(["--policy-url", args.policy_url] if args.policy_url else [])]
     extra = json.loads(args.extra)
     prompts = [line.strip() for line in PROMPTS.read_text().splitlines() if line.strip()]
     together, alone, cli = Timings(), Timings(), []
@@ -140,7 +152,7 @@ def main() -> None:
         while rounds < args.rounds and time.monotonic() - began < args.duration:
             batch = [prompts[(rounds * args.clients + i) % len(prompts)] for i in range(args.clients)]
             for both in ((True, False) if rounds % 2 == 0 else (False, True)):
-                asyncio.run(send(server, model, batch, both, args.max_tokens, extra, together if both else alone))
+                asyncio.run(send(server, model, batch, both, args.max_tokens, extra, together if both else alone, args.policy_pid))
             cli.append(generate_per_token(batch[0], args.max_tokens, models, extra))
             rounds += 1
             print(f"serve_load: round {rounds}: {together.tokens_per_s[-1]:.1f} tokens/s together, "
@@ -160,6 +172,10 @@ def main() -> None:
     one, gen = statistics.median(alone.per_token_s), statistics.median(cli)
     print(f"\naggregate throughput, {args.clients} together / one after another: {ratio:.2f}x (median of {rounds} rounds)")
     print(f"server CPU time per token, one after another / {args.clients} together: {work:.2f}x")
+    if args.policy_pid:
+        each = [1e3 * statistics.median(t.policy_cpu_per_token_s) for t in (alone, together)]
+        print(f"policy server CPU time per token: {each[0]:.1f} ms one after another, {each[1]:.1f} ms {args.clients} together "
+              f"({each[0] / each[1]:.2f}x less)")
     print(f"per-token time of one request: server {1e3 * one:.1f} ms, generate {1e3 * gen:.1f} ms ({one / gen:.2f}x)")
 
 
