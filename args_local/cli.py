@@ -290,9 +290,9 @@ def chat(**opts: Any) -> None:
 @click.option("-np", "--parallel", type=click.IntRange(1, 256), default=4, show_default=True, help="requests decoded together; each holds -c tokens of llama.cpp's KV cache "
               "(with --policy-url: requests in flight to the policy server at once, as many as its parallel slots)")
 @click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True, help="requests that may wait for a free sequence; more get 429")
-@click.option("--lanes", type=click.IntRange(1, 256), help="llama.cpp contexts decoding side by side, each on its own thread, sharing the --parallel sequences [default: one per llama.cpp thread (-t) on the CPU, 1 with -ngl or --policy-url]")
+@click.option("--lanes", type=click.IntRange(1, 256), default=1, show_default=True, help="batches decoding side by side, each on its own thread, sharing the --parallel sequences (in process: a llama.cpp context each)")
 @click.option("--api-key", envvar="ARGS_LOCAL_API_KEY", help="require 'Authorization: Bearer KEY' [env: ARGS_LOCAL_API_KEY]")
-def serve(host: str, port: int, parallel: int, queue: int, lanes: int | None, api_key: str | None, **opts: Any) -> None:
+def serve(host: str, port: int, parallel: int, queue: int, lanes: int, api_key: str | None, **opts: Any) -> None:
     """Serve the OpenAI API (chat and completions, streamed or not) with ARGS decoding.
 
     The flags set the defaults of every request; a request's own fields override them

@@ -48,25 +48,17 @@ def test_the_real_machine_within_its_cpus():
     assert 1 <= physical_cores() <= len(usable_cpus())
 
 
-@pytest.mark.parametrize("parallel, lanes, threads, gpu, sizes", [
-    (4, None, 2, False, [2, 2]),  # one lane per llama.cpp thread
-    (5, None, 2, False, [3, 2]),
-    (1, None, 2, False, [1]),  # never more lanes than sequences
-    (4, None, 2, True, [4]),  # a GPU batches for free: one lane
-    (4, 3, 1, False, [2, 1, 1]),  # --lanes wins
+@pytest.mark.parametrize("parallel, lanes, sizes", [
+    (4, 1, [4]),  # the default: one batch
+    (4, 2, [2, 2]),
+    (5, 2, [3, 2]),
+    (1, 2, [1]),  # never more lanes than sequences
+    (4, 3, [2, 1, 1]),
 ])
-def test_the_server_s_sequences_split_over_its_lanes(parallel, lanes, threads, gpu, sizes):
+def test_the_server_s_sequences_split_over_its_lanes(parallel, lanes, sizes):
     from args_local.serve import ServeOptions
 
-    assert ServeOptions(parallel=parallel, lanes=lanes).lane_sizes(threads, gpu) == sizes
-
-
-@pytest.mark.parametrize("parallel, lanes, sizes", [(4, None, [4]), (4, 2, [2, 2])])
-def test_a_policy_server_batches_one_lane(parallel, lanes, sizes):
-    """A lane sends its requests' steps together, and the server batches them."""
-    from args_local.serve import ServeOptions
-
-    assert ServeOptions(parallel=parallel, lanes=lanes).lane_sizes(1, gpu=False, remote=True) == sizes
+    assert ServeOptions(parallel=parallel, lanes=lanes).lane_sizes() == sizes
 
 
 @pytest.mark.slow

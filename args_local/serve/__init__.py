@@ -31,14 +31,14 @@ class ServeOptions:
     parallel: int = 4
     queue: int = 16
     api_key: str | None = None
-    lanes: int | None = None  # None: one per llama.cpp thread on the CPU, one on a GPU or a policy server
+    lanes: int = 1
 
-    def lane_sizes(self, threads: int, gpu: bool, remote: bool = False) -> list[int]:
-        """How many of the ``parallel`` sequences each lane holds. On a CPU a decode of a
-        small model costs about the same per row batched or not, so lanes of their own
-        threads use the cores better than one batch; a GPU batches for free, and so does a
-        policy server, when a lane's requests send their steps together."""
-        lanes = min(self.parallel, self.lanes or (1 if gpu or remote else threads))
+    def lane_sizes(self) -> list[int]:
+        """How many of the ``parallel`` sequences each lane holds (never more lanes than
+        sequences). One lane is the default: on this project's 2-core machine two lanes gave
+        4 requests about the throughput of one (see the README's Server section); on a GPU, or
+        with a policy server, one lane's batch is what the engine batches best."""
+        lanes = min(self.parallel, self.lanes)
         return [self.parallel // lanes + (i < self.parallel % lanes) for i in range(lanes)]
 
 
@@ -67,7 +67,7 @@ def open_lanes(models: ModelOptions, options: ServeOptions) -> tuple[Engine, lis
             log.warning("the policy server decodes %d requests at once (its --parallel); the other %d of --parallel %d "
                         "wait there for a slot", remote.slots, options.parallel - remote.slots, options.parallel)
         threads = 1  # the policy's threads are the server's
-        sizes = options.lane_sizes(threads, gpu=False, remote=True)
+        sizes = options.lane_sizes()
         make = functools.partial(RemoteSlots, engine, remote)
     else:
         from ..runtime.batched import Batch, check_room
@@ -77,7 +77,7 @@ def open_lanes(models: ModelOptions, options: ServeOptions) -> tuple[Engine, lis
         engine = load_engine(dataclasses.replace(models, ctx_size=MIN_CTX))
         threads = engine.policy.threads
         check_room(engine.policy, options.parallel, models.ctx_size)  # all lanes together
-        sizes = options.lane_sizes(threads, gpu=models.gpu_layers != 0)
+        sizes = options.lane_sizes()
         make = functools.partial(Batch, engine, n_ctx=models.ctx_size)
     lanes: list[Slots] = []
     try:

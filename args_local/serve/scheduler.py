@@ -3,16 +3,17 @@
 HTTP handlers run on the event loop; llama.cpp and onnxruntime run here. A *lane* is a
 :class:`~args_local.runtime.slots.Slots` (a :class:`~args_local.runtime.batched.Batch`: its own
 llama.cpp context and sequences; or :class:`~args_local.runtime.slots.RemoteSlots`: requests
-on a policy server) and the one thread that steps it. A handler :meth:`Scheduler.submit`\\ s a :class:`Job` (refused with :class:`Busy` when every
-sequence is decoding and ``queue`` jobs are waiting), then reads the job's events from an
+on a policy server) and the one thread that steps it. A handler :meth:`Scheduler.submit`\\ s
+a :class:`Job` (refused with :class:`Busy` when every sequence is decoding and ``queue`` jobs are waiting), then reads the job's events from an
 asyncio queue that its lane's thread fills. A job whose client left is
 :meth:`Scheduler.cancel`\\ led: it leaves its batch at the next step boundary.
 
 Why lanes: on a CPU, one decode of a small model is mostly arithmetic, done row by row, so a
 batch of 4 rows costs about 4 times one row, and the threads of one decode wait for each other
 at every operation. Two lanes of one thread each, side by side on two cores, keep both cores
-busy with no waiting. Every step a lane's llama.cpp threads are the policy's threads shared by
-the lanes then busy, so one request alone decodes on all of them, as ``generate`` does. With a
+busy with no waiting. A lone request goes to the first lane, which decodes on all the policy's
+threads, as ``generate`` does, less one for each other lane then busy
+(:meth:`Scheduler._threads_of`). With a
 policy server one lane sends all its requests' steps at once, and the server batches them.
 """
 
@@ -86,6 +87,8 @@ class Scheduler:
         self._step_s = 0.05  # running mean of a step, for Retry-After
         self._stopping = False
         for i, lane in enumerate(self.lanes):
+            if i:
+                lane.batch.set_threads(1)
             lane.thread = threading.Thread(target=self._run, args=(lane,), name=f"args-local-lane-{i}", daemon=True)
 
     def start(self) -> None:
@@ -137,11 +140,25 @@ class Scheduler:
             self._end(lane, job, "error", stopping)
 
     def _takes(self, lane: Lane) -> bool:
-        """Whether ``lane`` should take the next waiting job: the lane with the most free
-        sequences does, so that requests spread over the lanes (and so over the cores)."""
-        free = lane.batch.free
-        others = (other.batch.free for other in self.lanes if other is not lane)
-        return bool(self._waiting) and free > 0 and free >= max(others, default=0)
+        """Whether ``lane`` should take the next waiting job: the first lane with the most free
+        sequences does, so that requests spread over the lanes (and so over the cores), and a
+        lone client keeps decoding on the same lane."""
+        if not self._waiting:
+            return False
+        free = [other.batch.free for other in self.lanes]
+        most = max(free)
+        return most > 0 and free.index(most) == self.lanes.index(lane)
+
+    def _threads_of(self, lane: Lane) -> int:
+        """llama.cpp threads for ``lane``'s next step: the first lane takes the policy's threads
+        less one for each other busy lane, which decode on one thread each. Only the first lane
+        ever runs a team of several threads: once two OS threads own OpenMP teams, the process
+        has more OpenMP threads than cores and libgomp stops spinning at its barriers, which
+        made a lone request 1.5x slower per token here."""
+        if lane is not self.lanes[0]:
+            return 1
+        busy = sum(1 for other in self.lanes if other.active)
+        return max(1, self.threads - (busy - 1))
 
     def _tick(self, lane: Lane) -> bool:
         """One step boundary and one step of ``lane``; False when stopping."""
@@ -164,8 +181,7 @@ class Scheduler:
             self._end(lane, job, "cancelled")
         if not lane.active:
             return True
-        busy = sum(1 for other in self.lanes if other.active)
-        lane.batch.set_threads(max(1, self.threads // busy))
+        lane.batch.set_threads(self._threads_of(lane))
         start = time.perf_counter()
         events = lane.batch.step()
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - start)
