@@ -117,11 +117,19 @@ def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) 
     return [CompletionItem(n) for n in names] + [CompletionItem(incomplete, type="file")]
 
 
+class WholeEnvValue(click.types.StringParamType):
+    """Text whose environment variable is one value: click splits a repeatable option's variable
+    on whitespace, which would cut a reward model's path with a space in it in two."""
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        return [rv] if rv else []
+
+
 def model_options(f: Callable) -> Callable:
     """Flags that choose and run the models, named as in llama.cpp's CLI."""
     options = [
         click.option("-m", "--model", metavar="NAME|GGUF", envvar=ENV_VARS["model"], show_envvar=True, shell_complete=complete_model, help="GGUF policy model: a file, or a name that `args-local models` lists [default: SmolLM2-135M-Instruct]"),
-        click.option("-r", "--reward-model", "rewards", multiple=True, metavar="PATH[:WEIGHT]", envvar=ENV_VARS["reward_model"], show_envvar=True,
+        click.option("-r", "--reward-model", "rewards", multiple=True, type=WholeEnvValue(), metavar="PATH[:WEIGHT]", envvar=ENV_VARS["reward_model"], show_envvar=True,
                      help="reward-model folder, .onnx file or shipped name (sentiment, nontoxic); repeat it to add "
                           "weighted rewards, each with its own weight [default: the shipped sentiment model; a "
                           "model's weight: -w, else its own suggestion]"),

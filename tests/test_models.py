@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,20 @@ def test_generate_takes_a_name_from_a_flag_or_the_environment(model_home, monkey
     unknown = cli(*args, "-m", "smolm2")
     assert unknown.returncode == 1 and b"Traceback" not in unknown.stderr
     assert "closest: smollm2" in unknown.stderr.decode()
+
+
+@pytest.mark.slow
+def test_the_reward_model_variable_is_one_path_spaces_included(model_home, monkeypatch, reward_path, tmp_path):
+    """click splits a repeatable option's variable on whitespace; a folder with a space must survive."""
+    spaced = tmp_path / "my reward models" / "sentiment"
+    shutil.copytree(reward_path, spaced)
+    args = ("generate", "Tell me about your weekend.", "-n", "6", "--paper", "--json")
+    by_flag = cli(*args, "-r", str(spaced))
+    monkeypatch.setenv("ARGS_LOCAL_REWARD_MODEL", str(spaced))
+    from_env = cli(*args)
+    assert by_flag.returncode == from_env.returncode == 0, from_env.stderr.decode()
+    env, flag = json.loads(from_env.stdout), json.loads(by_flag.stdout)
+    assert env["text"] == flag["text"] and env["reward_calls"] == flag["reward_calls"] > 0
 
 
 @pytest.mark.slow
