@@ -36,7 +36,7 @@ import numpy as np
 from ..core.errors import ArgsLocalError, ModelError, PromptError, SettingsError
 from ..core.settings import Settings
 from .engine import Engine
-from .policy import N_BATCH, LlamaPolicy, check_memory
+from .policy import N_BATCH, LlamaPolicy, check_memory, switch_threads
 from .slots import Event, Slot, Slots
 
 
@@ -82,9 +82,7 @@ class BatchedPolicy:
     def set_threads(self, threads: int) -> None:
         """Decode with ``threads`` threads from the next decode on (the server's lanes share
         the cores)."""
-        if threads != self.threads:
-            llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
-            self.threads = threads
+        self.threads = switch_threads(self.ctx, self.threads, threads)
 
     def sequence(self) -> "SequencePolicy":
         """A policy on a free sequence of this context (see :attr:`free`)."""

@@ -193,6 +193,14 @@ class LlamaVocab(ChatTokenizer):
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
 
+def switch_threads(ctx: llama_cpp.llama_context_p, current: int, threads: int) -> int:
+    """Make ``ctx`` decode (and evaluate prompts) on ``threads`` threads, unless it already
+    does; returns the count now in force."""
+    if threads != current:
+        llama_cpp.llama_set_n_threads(ctx, threads, threads)
+    return threads
+
+
 class LlamaPolicy(LlamaVocab):
     """A GGUF model with one context whose KV cache follows the evaluated tokens.
 
@@ -271,9 +279,7 @@ class LlamaPolicy(LlamaVocab):
 
     def set_threads(self, threads: int) -> None:
         """Decode with ``threads`` threads from now on (bench compares counts in one process)."""
-        if threads != self.threads:
-            llama_cpp.llama_set_n_threads(self.llm.ctx, threads, threads)
-            self.threads = threads
+        self.threads = switch_threads(self.llm.ctx, self.threads, threads)
 
     def room(self) -> int:
         """How many more tokens fit in the context window."""
